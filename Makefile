@@ -1,0 +1,36 @@
+# Each target sets up .venv itself on first use: torch pinned first (a bare `torch` pulls a CUDA build).
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: emulate test test-slow lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+emulate: $(STAMP)  ## the main job on the embedded default (hf-cb, Llama-3.1-8B, virtual H100)
+	$(VENV)/bin/revati emulate
+
+test: $(STAMP)  ## lint + the default test suite (no GPU needed)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -q
+
+test-slow: $(STAMP)  ## the slow-marked tests
+	$(VENV)/bin/pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)  ## speed benchmarks (ratios taken in one run)
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
