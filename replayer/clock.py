@@ -1,0 +1,293 @@
+"""The virtual clock: host time, per-stream device time, and the threads that move them.
+
+Semantics (DESIGN.md, "Clock semantics"): a launch at host time H on stream s starts at
+max(S_s, H + launch latency) and ends d later; host-blocking points set H = max(H, S_s).
+
+Threads. A thread that launches device work is an *actor*; one that only reads the clock or sleeps
+is an *observer*. Virtual time may jump over idle time only when every actor is blocked in a wait the
+emulator sees (sleep, a condition wait, an idle event loop) and every observer is blocked or has been
+silent for a moment. When an actor's clock passes a sleeper's deadline, the sleeper runs first and the
+actor waits until it blocks again: events happen in virtual-time order, whatever the real scheduling,
+which is what makes `deterministic` runs bit-identical.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+# Real time (s) a silent observer may keep the clock from jumping, and a handing-off actor waits
+# for a woken thread that went silent (it may be blocked where the emulator cannot see).
+_GRACE = 0.05
+# Real time (s) between re-checks of a blocked thread.
+_POLL = 0.01
+
+_real_monotonic = time.monotonic
+_real_perf_counter = time.perf_counter
+
+
+@dataclass(eq=False)
+class _Thread:
+    thread: threading.Thread
+    actor: bool = False
+    blocked: bool = False
+    deadline: float | None = None
+    wake: threading.Lock | None = None
+    timed_out: bool = False
+    last_contact: float = 0.0
+    last_exit: float = 0.0
+    stream: int = 0
+    capture: object = None  # the CUDA graph this thread is capturing into
+
+
+@dataclass(order=True)
+class _Sleeper:
+    deadline: float
+    seq: int
+    state: _Thread = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class Clock:
+    """Virtual host time, per-stream device times and the scheduling of participant threads."""
+
+    def __init__(self, launch_latency: float = 5e-6, wall: bool = False):
+        self.now = 0.0  # host time H, seconds since emulation start
+        self.streams: dict[int, float] = {0: 0.0}
+        self.launch_latency = launch_latency
+        self.wall = wall
+        self.jumps = 0
+        self.jumped = 0.0  # virtual seconds skipped while everyone waited
+        self.stalls = 0  # hand-offs or jumps that needed the real-time grace
+        self._cv = threading.Condition(threading.Lock())
+        self._threads: dict[int, _Thread] = {}
+        self._heap: list[_Sleeper] = []
+        self._seq = itertools.count()
+        self._exempt: set[int] = set()
+
+    # -- threads -------------------------------------------------------------------------------
+
+    def exempt(self, thread: threading.Thread) -> None:
+        """Leave a thread of the tool's own (a progress bar) on real time."""
+        self._exempt.add(thread.ident)
+
+    def is_exempt(self) -> bool:
+        return threading.get_ident() in self._exempt
+
+    def _me(self) -> _Thread:
+        ident = threading.get_ident()
+        st = self._threads.get(ident)
+        if st is None:
+            st = _Thread(threading.current_thread(), last_contact=_real_monotonic())
+            st.last_exit = st.last_contact
+            self._threads[ident] = st
+        return st
+
+    def current_stream(self) -> int:
+        return self._me().stream
+
+    def set_stream(self, stream: int) -> None:
+        self._me().stream = stream
+        self.streams.setdefault(stream, self.now)
+
+    # -- host time -----------------------------------------------------------------------------
+
+    def read(self) -> float:
+        """Host time as seen by the calling thread."""
+        with self._cv:
+            st = self._me()
+            st.last_contact = _real_monotonic()
+            if self.wall and st.actor:
+                self._advance_locked(self.now + self._real_since_exit(st), st)
+                st.last_exit = _real_monotonic()
+            return self.now
+
+    def _real_since_exit(self, st: _Thread) -> float:
+        return max(0.0, _real_monotonic() - st.last_exit)
+
+    def enter(self) -> _Thread:
+        """Start of emulator work on the calling thread: in wall mode, account the serving code's time."""
+        st = self._me()
+        if self.wall and st.actor:
+            dt = self._real_since_exit(st)
+            if dt > 0:
+                self.advance(dt)
+        return st
+
+    def leave(self, st: _Thread) -> None:
+        """End of emulator work: the time until the next `enter` is the serving code's own."""
+        st.last_exit = st.last_contact = _real_monotonic()
+
+    def advance(self, dt: float) -> None:
+        """Move host time forward by dt on the calling thread's behalf."""
+        with self._cv:
+            self._advance_locked(self.now + dt, self._me())
+
+    def advance_to(self, t: float) -> None:
+        with self._cv:
+            self._advance_locked(t, self._me())
+
+    def _advance_locked(self, target: float, me: _Thread) -> None:
+        # Sleepers whose deadline falls before the target run first, each until it blocks again.
+        while self._heap and self._heap[0].deadline <= target:
+            s = heapq.heappop(self._heap)
+            if s.cancelled:
+                continue
+            self.now = max(self.now, s.deadline)
+            self._wake(s.state, timed_out=True)
+            if s.state is not me:
+                self._await_block(s.state)
+        self.now = max(self.now, target)
+
+    def _await_block(self, other: _Thread) -> None:
+        while not other.blocked and other.thread.is_alive():
+            self._cv.wait(_POLL)
+            if not other.blocked and _real_monotonic() - other.last_contact > _GRACE:
+                self.stalls += 1
+                return
+
+    # -- device time ---------------------------------------------------------------------------
+
+    def launch(self, duration: float, host_cost: float) -> tuple[float, float, int]:
+        """Issue `duration` of device work on the calling thread's stream; returns (host, start, stream)."""
+        with self._cv:
+            me = self._me()
+            me.actor = True
+            host = self.now
+            stream = me.stream
+            graph = me.capture
+            if graph is not None:  # captured, not run: the graph's replay will run it
+                start = graph.duration
+                graph.duration += duration
+                graph.ops += 1
+                graph.kernels += duration > 0
+            else:
+                start = max(self.streams.get(stream, 0.0), host + self.launch_latency)
+                if duration > 0:
+                    self.streams[stream] = start + duration
+            if host_cost > 0:
+                self._advance_locked(host + host_cost, me)
+            return host, start, stream
+
+    def begin_capture(self, graph) -> None:
+        self._me().capture = graph
+
+    def end_capture(self) -> None:
+        self._me().capture = None
+
+    def capturing(self):
+        return self._me().capture
+
+    def advance_stream(self, stream: int, duration: float) -> float:
+        """Append `duration` of work to a stream (a graph replay); returns its start."""
+        with self._cv:
+            start = max(self.streams.get(stream, 0.0), self.now + self.launch_latency)
+            self.streams[stream] = start + duration
+            return start
+
+    def sync_stream(self, stream: int) -> None:
+        """The host waits for a stream's work: H = max(H, S_s)."""
+        self.advance_to(self.streams.get(stream, 0.0))
+
+    def sync_all(self) -> None:
+        self.advance_to(max(self.streams.values()))
+
+    def stream_wait(self, waiter: int, until: float) -> None:
+        """Stream `waiter` starts no later work before device time `until` (event wait)."""
+        with self._cv:
+            self.streams[waiter] = max(self.streams.get(waiter, 0.0), until)
+
+    # -- blocking ------------------------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """Block the calling thread until host time has advanced by `seconds`."""
+        self.block(self.now + max(0.0, seconds), None)
+
+    def block(self, deadline: float | None, wake: threading.Lock | None, poll=None) -> bool:
+        """Block until `deadline` (virtual; None = no deadline) or until `wake` is released by a notifier.
+
+        `poll`, called now and then, ends the wait early when it returns True (an event loop's sockets).
+        Returns False when the deadline passed first.
+        """
+        with self._cv:
+            me = self._me()
+            if deadline is not None and deadline <= self.now:
+                return False
+            me.blocked, me.deadline, me.timed_out = True, deadline, False
+            me.wake = wake if wake is not None else _held_lock()
+            sleeper = None
+            if deadline is not None:
+                sleeper = _Sleeper(deadline, next(self._seq), me)
+                heapq.heappush(self._heap, sleeper)
+            self._cv.notify_all()  # a handing-off actor may be waiting for us to block
+            self._maybe_jump()
+        lock = me.wake
+        while True:
+            if lock.acquire(timeout=_POLL):
+                break
+            with self._cv:
+                if not me.blocked:  # woken, lock about to be released
+                    continue
+                if poll is not None and poll():
+                    self._wake(me, timed_out=False)
+                    continue
+                self._maybe_jump()
+        with self._cv:
+            if sleeper is not None:
+                sleeper.cancelled = True
+            me.blocked, me.wake = False, None
+            me.last_contact = me.last_exit = _real_monotonic()
+            return not me.timed_out
+
+    def unblock(self, ident_lock: threading.Lock) -> None:
+        """A notifier released `ident_lock`: its owner is runnable from now on (before it even runs)."""
+        with self._cv:
+            for st in self._threads.values():
+                if st.wake is ident_lock and st.blocked:
+                    st.blocked = False
+                    st.last_contact = _real_monotonic()
+
+    def _wake(self, st: _Thread, timed_out: bool) -> None:
+        if not st.blocked:
+            return
+        st.blocked, st.timed_out = False, timed_out
+        st.last_contact = _real_monotonic()
+        if st.wake is not None:
+            try:
+                st.wake.release()
+            except RuntimeError:  # already released by a notifier
+                pass
+
+    def _maybe_jump(self) -> None:
+        """With the lock held: if nobody can make progress, jump to the earliest deadline."""
+        now_real = _real_monotonic()
+        stalled = False
+        for st in list(self._threads.values()):
+            if not st.thread.is_alive():
+                continue
+            if st.blocked:
+                continue
+            if st.actor or now_real - st.last_contact < _GRACE:
+                return
+            stalled = True
+        while self._heap and self._heap[0].cancelled:
+            heapq.heappop(self._heap)
+        if not self._heap:
+            return
+        s = heapq.heappop(self._heap)
+        if s.deadline > self.now:
+            self.jumps += 1
+            self.jumped += s.deadline - self.now
+            self.now = s.deadline
+        self.stalls += stalled
+        self._wake(s.state, timed_out=True)
+        self._cv.notify_all()
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock

@@ -1,0 +1,450 @@
+"""The `torch.cuda` surface of the virtual device: properties, streams, events, graphs, memory, RNG.
+
+Each patched attribute is a distinct function object (torch._dynamo refuses one object under two
+names). Times are virtual: events measure the clock, not the wall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from replayer.session import Emulator, Patcher
+
+_stream_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class DeviceProperties:
+    """What `torch.cuda.get_device_properties` reports for the virtual GPU."""
+
+    name: str
+    major: int
+    minor: int
+    total_memory: int
+    multi_processor_count: int
+    L2_cache_size: int
+    is_integrated: bool = False
+    is_multi_gpu_board: bool = False
+    max_threads_per_multi_processor: int = 2048
+    warp_size: int = 32
+    regs_per_multiprocessor: int = 65536
+    gcnArchName: str = "NVIDIA"
+    uuid: str = "00000000-0000-0000-0000-000000000000"
+    pci_bus_id: int = 0
+    pci_device_id: int = 0
+    pci_domain_id: int = 0
+    clock_rate: int = 0
+
+    def __repr__(self):
+        gib = self.total_memory / 2**20
+        return (
+            f"_CudaDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, "
+            f"total_memory={gib:.0f}MB, multi_processor_count={self.multi_processor_count})"
+        )
+
+
+def make_stream_class(emu: Emulator):
+    class Stream:
+        """A virtual CUDA stream: its own device time line."""
+
+        def __init__(self, device=None, priority=0, **kwargs):
+            self.stream_id = next(_stream_ids)
+            self.cuda_stream = 0x1000 + self.stream_id  # engines want distinct handles
+            self.device = emu.device
+            self.priority = priority
+            self.device_index = emu.device.index or 0
+            self.device_type = 1
+            emu.clock.streams.setdefault(self.stream_id, emu.clock.now)
+
+        def wait_event(self, event):
+            event.wait(self)
+
+        def wait_stream(self, stream):
+            emu.clock.stream_wait(self.stream_id, emu.clock.streams.get(stream.stream_id, 0.0))
+
+        def record_event(self, event=None):
+            event = event or emu.torch_cuda.Event()
+            event.record(self)
+            return event
+
+        def query(self):
+            return emu.clock.streams.get(self.stream_id, 0.0) <= emu.clock.now
+
+        def synchronize(self):
+            emu.clock.sync_stream(self.stream_id)
+
+        def __eq__(self, other):
+            return isinstance(other, Stream) and other.stream_id == self.stream_id
+
+        def __hash__(self):
+            return hash(self.stream_id)
+
+        def __enter__(self):
+            self._prev = emu.clock.current_stream()
+            emu.clock.set_stream(self.stream_id)
+            return self
+
+        def __exit__(self, *exc):
+            emu.clock.set_stream(self._prev)
+
+        def __repr__(self):
+            return f"<torch.cuda.Stream device=cuda:0 cuda_stream={self.cuda_stream:#x}>"
+
+    return Stream
+
+
+def make_event_class(emu: Emulator):
+    class Event:
+        """A virtual CUDA event: records a stream's device time; `elapsed_time` in virtual ms."""
+
+        def __init__(self, enable_timing=False, blocking=False, interprocess=False, external=False):
+            self.enable_timing = enable_timing
+            self.time: float | None = None
+
+        def record(self, stream=None):
+            sid = stream.stream_id if stream is not None else emu.clock.current_stream()
+            clock = emu.clock
+            self.time = max(clock.streams.get(sid, 0.0), clock.now + clock.launch_latency)
+            clock.streams[sid] = self.time
+            clock.advance(emu.cost.host_time("cudaEventRecord") * 0.2)
+
+        def wait(self, stream=None):
+            if self.time is not None:
+                sid = stream.stream_id if stream is not None else emu.clock.current_stream()
+                emu.clock.stream_wait(sid, self.time)
+
+        def query(self):
+            return self.time is None or self.time <= emu.clock.now
+
+        def synchronize(self):
+            if self.time is not None:
+                emu.clock.advance_to(self.time + emu.cost.sync_latency)
+
+        def elapsed_time(self, end):
+            if self.time is None or end.time is None:
+                raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+            return (end.time - self.time) * 1000.0
+
+    return Event
+
+
+class Graph:
+    """A virtual CUDA graph: capture sums the predicted device time; replay advances a stream in O(1)."""
+
+    def __init__(self, emu: Emulator, keep_graph: bool = False):
+        self._emu = emu
+        self.duration = 0.0
+        self.ops = 0
+        self.kernels = 0
+        self.replays = 0
+        self.captured = False
+        self.written: list = []  # storages whose shadow values a replay makes stale
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        self._emu.clock.begin_capture(self)
+
+    def capture_end(self):
+        self._emu.clock.end_capture()
+        self.captured = True
+
+    def replay(self):
+        emu = self._emu
+        emu.clock.advance(emu.cost.host_time("cudaGraphLaunch"))
+        emu.clock.advance_stream(emu.clock.current_stream(), self.duration)
+        for storage in self.written:
+            storage.value = None
+        self.replays += 1
+        emu.graph_replays += 1
+
+    def reset(self):
+        self.duration, self.ops, self.captured = 0.0, 0, False
+
+    def pool(self):
+        return (0, id(self))
+
+    def enable_debug_mode(self):
+        pass
+
+    def debug_dump(self, path):
+        pass
+
+
+def install(emu: Emulator, patch: Patcher) -> None:
+    """Patch `torch.cuda` (and `torch.accelerator`, `torch.version.cuda`) to report the virtual GPU."""
+    cuda = torch.cuda
+    spec = emu.gpu
+    props = DeviceProperties(
+        name=spec.name,
+        major=spec.compute_capability[0],
+        minor=spec.compute_capability[1],
+        total_memory=spec.memory_bytes,
+        multi_processor_count=spec.sm_count,
+        L2_cache_size=spec.l2_bytes,
+        clock_rate=spec.clock_mhz * 1000,
+    )
+    Stream = make_stream_class(emu)
+    Event = make_event_class(emu)
+    default_stream = Stream()
+    default_stream.stream_id, default_stream.cuda_stream = 0, 0
+    streams: dict[int, object] = {0: default_stream}
+    local = threading.local()
+
+    def _stream_of(sid):
+        return streams.get(sid, default_stream)
+
+    def is_available():
+        return True
+
+    def device_count():
+        return emu.device_count
+
+    def current_device():
+        return getattr(local, "device", emu.device.index or 0)
+
+    def set_device(device):
+        index = device if isinstance(device, int) else torch.device(device).index
+        local.device = index or 0
+
+    def get_device_name(device=None):
+        return spec.name
+
+    def get_device_properties(device=None):
+        return props
+
+    def get_device_capability(device=None):
+        return tuple(spec.compute_capability)
+
+    def synchronize(device=None):
+        emu.clock.sync_all()
+        emu.clock.advance(emu.cost.sync_latency)
+
+    def current_stream(device=None):
+        return _stream_of(emu.clock.current_stream())
+
+    def default_stream_fn(device=None):
+        return default_stream
+
+    def set_stream(stream):
+        streams[stream.stream_id] = stream
+        emu.clock.set_stream(stream.stream_id)
+
+    @contextlib.contextmanager
+    def stream(stream):
+        if stream is None:
+            yield
+            return
+        streams[stream.stream_id] = stream
+        prev = emu.clock.current_stream()
+        emu.clock.set_stream(stream.stream_id)
+        try:
+            yield
+        finally:
+            emu.clock.set_stream(prev)
+
+    def mem_get_info(device=None):
+        a = emu.allocator
+        return (a.free_bytes(), a.capacity)
+
+    def memory_allocated(device=None):
+        return emu.allocator.allocated
+
+    def max_memory_allocated(device=None):
+        return emu.allocator.peak
+
+    def memory_reserved(device=None):
+        return emu.allocator.reserved
+
+    def max_memory_reserved(device=None):
+        return emu.allocator.peak_reserved
+
+    def memory_stats(device=None):
+        return emu.allocator.stats()
+
+    def reset_peak_memory_stats(device=None):
+        emu.allocator.reset_peak()
+
+    def reset_max_memory_allocated(device=None):
+        emu.allocator.reset_peak()
+
+    def empty_cache():
+        emu.allocator.empty_cache()
+
+    def noop_seed(seed=None):
+        return None
+
+    def seed():
+        return None
+
+    def initial_seed():
+        return 0
+
+    def get_rng_state(device="cuda"):
+        return torch.zeros(16, dtype=torch.uint8)
+
+    def get_rng_state_all():
+        return [torch.zeros(16, dtype=torch.uint8)]
+
+    def set_rng_state(new_state, device="cuda"):
+        return None
+
+    def lazy_init():
+        return None
+
+    def is_initialized():
+        return True
+
+    def init():
+        return None
+
+    def is_bf16_supported(including_emulation=True):
+        return spec.compute_capability >= (8, 0)
+
+    def get_arch_list():
+        return ["sm_80", "sm_86", "sm_90"]
+
+    def is_current_stream_capturing():
+        return emu.clock.capturing() is not None
+
+    def make_graph(keep_graph=False):
+        return Graph(emu, keep_graph)
+
+    def graph_pool_handle():
+        return (0, 0)
+
+    class graph:  # noqa: N801 - torch.cuda.graph's name
+        """`with torch.cuda.graph(g):` — capture on a side stream, as the real context manager does."""
+
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            self.cuda_graph = cuda_graph
+            self.stream = stream
+
+        def __enter__(self):
+            synchronize()
+            self._prev = emu.clock.current_stream()
+            if self.stream is not None:
+                emu.clock.set_stream(self.stream.stream_id)
+            self.cuda_graph.capture_begin()
+
+        def __exit__(self, *exc):
+            self.cuda_graph.capture_end()
+            emu.clock.set_stream(self._prev)
+
+    class device:  # noqa: N801 - torch.cuda.device's name
+        def __init__(self, device):
+            self.idx = device if isinstance(device, int) else getattr(torch.device(device), "index", 0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def nvtx_push(msg):
+        return 0
+
+    def nvtx_pop():
+        return 0
+
+    def nvtx_mark(msg):
+        return None
+
+    @contextlib.contextmanager
+    def nvtx_range(msg, *args, **kwargs):
+        yield
+
+    patch.set(cuda, "is_available", is_available)
+    patch.set(cuda, "device_count", device_count)
+    patch.set(cuda, "current_device", current_device)
+    patch.set(cuda, "set_device", set_device)
+    patch.set(cuda, "get_device_name", get_device_name)
+    patch.set(cuda, "get_device_properties", get_device_properties)
+    patch.set(cuda, "get_device_capability", get_device_capability)
+    patch.set(cuda, "synchronize", synchronize)
+    patch.set(cuda, "current_stream", current_stream)
+    patch.set(cuda, "default_stream", default_stream_fn)
+    patch.set(cuda, "set_stream", set_stream)
+    patch.set(cuda, "stream", stream)
+    patch.set(cuda, "Stream", Stream)
+    patch.set(cuda, "Event", Event)
+    patch.set(cuda, "mem_get_info", mem_get_info)
+    patch.set(cuda, "memory_allocated", memory_allocated)
+    patch.set(cuda, "max_memory_allocated", max_memory_allocated)
+    patch.set(cuda, "memory_reserved", memory_reserved)
+    patch.set(cuda, "max_memory_reserved", max_memory_reserved)
+    patch.set(cuda, "memory_stats", memory_stats)
+    patch.set(cuda, "reset_peak_memory_stats", reset_peak_memory_stats)
+    patch.set(cuda, "reset_max_memory_allocated", reset_max_memory_allocated)
+    patch.set(cuda, "empty_cache", empty_cache)
+    patch.set(cuda, "manual_seed", noop_seed)
+    patch.set(cuda, "manual_seed_all", lambda seed: None)
+    patch.set(cuda, "seed", seed)
+    patch.set(cuda, "seed_all", lambda: None)
+    patch.set(cuda, "initial_seed", initial_seed)
+    patch.set(cuda, "get_rng_state", get_rng_state)
+    patch.set(cuda, "get_rng_state_all", get_rng_state_all)
+    patch.set(cuda, "set_rng_state", set_rng_state)
+    patch.set(cuda, "set_rng_state_all", lambda new_states: None)
+    patch.set(cuda, "_lazy_init", lazy_init)
+    patch.set(cuda, "is_initialized", is_initialized)
+    patch.set(cuda, "init", init)
+    patch.set(cuda, "is_bf16_supported", is_bf16_supported)
+    patch.set(cuda, "get_arch_list", get_arch_list)
+    patch.set(cuda, "is_current_stream_capturing", is_current_stream_capturing)
+    patch.set(cuda, "CUDAGraph", make_graph)
+    patch.set(cuda, "graph", graph)
+    patch.set(cuda, "graph_pool_handle", graph_pool_handle)
+    patch.set(cuda, "device", device)
+    patch.set(cuda.nvtx, "range_push", nvtx_push)
+    patch.set(cuda.nvtx, "range_pop", nvtx_pop)
+    patch.set(cuda.nvtx, "mark", nvtx_mark)
+    patch.set(cuda.nvtx, "range", nvtx_range)
+    patch.set(torch.version, "cuda", "12.8")
+    _install_accelerator(emu, patch, synchronize)
+
+
+def _install_accelerator(emu: Emulator, patch: Patcher, synchronize) -> None:
+    acc = getattr(torch, "accelerator", None)
+    if acc is None:
+        return
+
+    def acc_is_available():
+        return True
+
+    def current_accelerator(check_available=False):
+        return torch.device("cuda")
+
+    def acc_device_count():
+        return emu.device_count
+
+    def current_device_index():
+        return emu.device.index or 0
+
+    def acc_synchronize(device=None):
+        synchronize()
+
+    patch.set(acc, "is_available", acc_is_available)
+    patch.set(acc, "current_accelerator", current_accelerator)
+    patch.set(acc, "device_count", acc_device_count)
+    patch.set(acc, "current_device_index", current_device_index)
+    patch.set(acc, "current_device_idx", lambda: emu.device.index or 0)
+    patch.set(acc, "synchronize", acc_synchronize)
+    if hasattr(acc, "memory"):
+        mem = acc.memory
+        for name, fn in (
+            ("memory_allocated", lambda device=None: emu.allocator.allocated),
+            ("max_memory_allocated", lambda device=None: emu.allocator.peak),
+            ("memory_reserved", lambda device=None: emu.allocator.reserved),
+            ("max_memory_reserved", lambda device=None: emu.allocator.peak_reserved),
+            ("memory_stats", lambda device=None: emu.allocator.stats()),
+            ("empty_cache", lambda: emu.allocator.empty_cache()),
+            ("reset_peak_memory_stats", lambda device=None: emu.allocator.reset_peak()),
+        ):
+            if hasattr(mem, name):
+                patch.set(mem, name, fn)

@@ -1,0 +1,448 @@
+"""Op interception: every aten op on a virtual tensor, and every factory call on `cuda`, lands here.
+
+The hot path is a dictionary hit: an op's signature (op, shapes, strides, dtypes, scalars) maps to
+what the op returns (metadata, aliasing), its predicted device time and host cost, all computed once
+on the meta device. Values are computed for real, on the CPU, only when every input has one and the
+result is small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch._ops import OpOverload
+
+from replayer.memory import Storage
+from replayer.tensor import VTensor, make, meta_of, value_allowed
+from revati.op_features import launches_kernel, op_dtype, op_features
+
+if TYPE_CHECKING:
+    from replayer.session import Emulator
+
+aten = torch.ops.aten
+_Tensor = torch.Tensor
+_META = torch.device("meta")
+_CPU = torch.device("cpu")
+
+# Ops whose first argument is only written: its old contents do not matter.
+_OVERWRITES = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
+# Index-producing ops: output position -> where the vocabulary size comes from.
+_TOKEN_OPS = {aten.argmax.default: 0, aten.multinomial.default: 0, aten.topk.default: 1, aten.max.dim: 1}
+
+
+class DataDependentError(RuntimeError):
+    """An op whose output shape depends on values that no virtual tensor holds."""
+
+
+@dataclass(eq=False)
+class Signature:
+    """What one op signature does: its outputs, cost and aliasing; computed once, then cached."""
+
+    func: OpOverload
+    key: str
+    features: dict[str, float]
+    dtype: torch.dtype | None
+    launches: bool
+    duration: float
+    host: float
+    outs: list  # per output: None | ("self", arg) | ("view", arg, meta) | ("new", meta)
+    kind: type | None  # None: a single tensor; tuple / list: a sequence of outputs
+    mutated: tuple  # argument references written by the op
+    value_ok: bool  # every output is small enough to keep a value
+    input_shapes: list = field(default_factory=list)
+    input_dtypes: list = field(default_factory=list)
+    scalars: str | None = None
+    sig_id: int = 0
+    extrapolated: bool = False
+
+
+def _schema_refs(func: OpOverload):
+    """For each return: the argument it aliases and whether it writes it; and the written arguments."""
+    schema = func._schema
+    args = schema.arguments
+    refs = []
+    for ret in schema.returns:
+        ref = None
+        if ret.alias_info is not None:
+            for i, a in enumerate(args):
+                if a.alias_info is not None and (a.alias_info.before_set & ret.alias_info.before_set):
+                    ref = (i if not a.kwarg_only else a.name, bool(ret.alias_info.is_write))
+                    break
+        refs.append(ref)
+    written = tuple(
+        i if not a.kwarg_only else a.name
+        for i, a in enumerate(args)
+        if a.alias_info is not None and a.alias_info.is_write
+    )
+    return refs, written, [a.name for a in args]
+
+
+def _arg(ref, args, kwargs, names):
+    if isinstance(ref, int):
+        return args[ref] if ref < len(args) else kwargs.get(names[ref])
+    return kwargs.get(ref)
+
+
+def _describe(x, parts, tensors):
+    if isinstance(x, _Tensor):
+        tensors.append(x)
+        parts.append((x.dtype, x.shape, x.stride(), x.storage_offset()))
+    elif isinstance(x, (list, tuple)):
+        if x and isinstance(x[0], _Tensor) or any(isinstance(e, _Tensor) for e in x):
+            parts.append(len(x))
+            for e in x:
+                _describe(e, parts, tensors)
+        else:
+            parts.append(tuple(x))
+    else:
+        parts.append(x)
+
+
+class Dispatcher:
+    """Runs aten ops on virtual tensors for one emulator."""
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+        self.cache: dict[tuple, Signature] = {}
+        self.signatures: list[Signature] = []
+        self._schemas: dict[OpOverload, tuple] = {}
+        self.ops = 0
+        self.misses = 0
+        self.value_ops = 0
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    def dispatch(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
+        special = _SPECIAL.get(func)
+        if special is not None:
+            return special(self, func, args, kwargs)
+        return self.run(func, args, kwargs)
+
+    def run(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
+        """The generic path: cached signature, outputs, clock."""
+        parts: list = [func]
+        tensors: list = []
+        for a in args:
+            _describe(a, parts, tensors)
+        if kwargs:
+            for k, v in kwargs.items():
+                parts.append(k)
+                _describe(v, parts, tensors)
+        key = tuple(parts)
+        sig = self.cache.get(key)
+        if sig is None:
+            sig = self._signature(func, args, kwargs, tensors)
+            if sig is None:  # data-dependent output shape: no caching possible
+                return self._dynamic(func, args, kwargs, tensors)
+            self.cache[key] = sig
+        self.ops += 1
+        out = self._outputs(sig, func, args, kwargs, tensors)
+        self.emu.account(sig)
+        return out
+
+    def factory(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
+        """A CUDA-key call with no virtual tensor in it: a factory (`torch.empty(..., device="cuda")`)."""
+        kwargs = dict(kwargs)
+        device = kwargs.get("device")
+        device = torch.device(device) if device is not None else self.emu.device
+        if device.index is None:
+            device = torch.device("cuda", self.emu.device.index or 0)
+        kwargs["device"] = _META
+        meta = func(*args, **kwargs)
+        if not isinstance(meta, _Tensor):
+            raise NotImplementedError(f"revati: CUDA call {func} with no virtual tensor is not emulated")
+        value = None
+        if value_allowed(meta.dtype, meta.numel()):
+            if func in (aten.empty.memory_format, aten.empty_strided.default):
+                value = torch.zeros(meta.shape, dtype=meta.dtype).as_strided(meta.shape, meta.stride())
+            else:
+                kwargs["device"] = _CPU
+                value = func(*args, **kwargs)
+        nbytes = meta.untyped_storage().nbytes()
+        storage = Storage(nbytes, self.emu.allocator, True if value is not None else None)
+        return make(meta.shape, meta.stride(), meta.storage_offset(), meta.dtype, device, storage, value)
+
+    # -- signatures ------------------------------------------------------------------------------
+
+    def _schema(self, func: OpOverload):
+        info = self._schemas.get(func)
+        if info is None:
+            info = self._schemas[func] = _schema_refs(func)
+        return info
+
+    def _signature(self, func: OpOverload, args: tuple, kwargs: dict, tensors: list) -> Signature | None:
+        self.misses += 1
+        margs = _map_tensors(args, meta_of)
+        mkwargs = _map_tensors(kwargs, meta_of)
+        if "device" in mkwargs and mkwargs["device"] is not None:
+            mkwargs["device"] = _META
+        try:
+            mout = func(*margs, **mkwargs)
+        except (
+            torch._subclasses.fake_tensor.DynamicOutputShapeException,
+            RuntimeError,
+            NotImplementedError,
+        ) as e:
+            if _data_dependent(e):
+                return None
+            raise
+        refs, written, names = self._schema(func)
+        kind = None if isinstance(mout, _Tensor) or mout is None else type(mout)
+        mouts = [mout] if kind is None else list(mout)
+        outs = []
+        for i, m in enumerate(mouts):
+            ref = refs[min(i, len(refs) - 1)] if refs else None
+            if m is None:
+                outs.append(None)
+            elif not isinstance(m, _Tensor):
+                raise NotImplementedError(f"revati: op {func} returns {type(m).__name__}; not emulated")
+            elif ref is not None and ref[1]:
+                target = _arg(ref[0], args, kwargs, names)
+                if isinstance(target, _Tensor) and target.shape != m.shape:
+                    raise NotImplementedError(
+                        f"revati: {func} resizes its output from {tuple(target.shape)} to {tuple(m.shape)}; "
+                        "virtual tensors cannot be resized in place"
+                    )
+                outs.append(("self", ref[0]))
+            elif ref is not None:
+                outs.append(("view", ref[0], _meta_desc(m)))
+            else:
+                outs.append(("new", _meta_desc(m)))
+        key, features = op_features(func, margs, mkwargs, mout)
+        dtype = op_dtype(margs, mkwargs)
+        launches = launches_kernel(func) and features.get("kernel", 1.0) != 0.0
+        cost = self.emu.cost
+        duration = cost.device_time(key, features, dtype) if launches else 0.0
+        value_ok = all(
+            o is None or value_allowed(m.dtype, m.numel()) for o, m in zip(outs, mouts, strict=True)
+        )
+        sig = Signature(
+            func=func,
+            key=key,
+            features=features,
+            dtype=dtype,
+            launches=launches,
+            duration=duration,
+            host=cost.host_time(key),
+            outs=outs,
+            kind=kind,
+            mutated=written,
+            value_ok=value_ok,
+            input_shapes=[list(t.shape) for t in tensors],
+            input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
+            scalars=_scalars(args, kwargs),
+            sig_id=len(self.signatures),
+            extrapolated=getattr(cost, "extrapolated", lambda k, f: False)(key, features),
+        )
+        self.signatures.append(sig)
+        return sig
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def _outputs(self, sig: Signature, func: OpOverload, args: tuple, kwargs: dict, tensors: list) -> Any:
+        _, _, names = self._schema(func)
+        overwrite = func in _OVERWRITES
+        with_values = sig.value_ok
+        if with_values:
+            for i, t in enumerate(tensors):
+                if type(t) is VTensor and (
+                    t._value is None or (t._vstorage.value is None and not (overwrite and i == 0))
+                ):
+                    with_values = False
+                    break
+        if with_values:
+            self.value_ops += 1
+            real = func(*_map_tensors(args, _cpu_value), **_cpu_kwargs(kwargs))
+            reals = [real] if sig.kind is None else list(real)
+            if overwrite:
+                dst = args[0]
+                if dst._vstorage.value is None and dst.numel() * dst.element_size() == dst._vstorage.nbytes:
+                    dst._vstorage.value = True
+        else:
+            reals = None
+            for ref in sig.mutated:
+                t = _arg(ref, args, kwargs, names)
+                if type(t) is VTensor:
+                    t._vstorage.value = None
+        results = []
+        for i, o in enumerate(sig.outs):
+            if o is None:
+                results.append(None)
+                continue
+            tag = o[0]
+            if tag == "self":
+                results.append(_arg(o[1], args, kwargs, names))
+                continue
+            value = reals[i] if reals is not None else None
+            if tag == "view":
+                base = _arg(o[1], args, kwargs, names)
+                if isinstance(base, (list, tuple)):
+                    base = base[0]
+                shape, stride, offset, dtype, _ = o[2]
+                storage = base._vstorage if type(base) is VTensor else self._new_storage(o[2], value)
+                results.append(make(shape, stride, offset, dtype, base.device, storage, value))
+            else:
+                shape, stride, offset, dtype, _ = o[1]
+                results.append(
+                    make(shape, stride, offset, dtype, self.emu.device, self._new_storage(o[1], value), value)
+                )
+        if reals is None and func in _TOKEN_OPS:
+            self._synthesize_tokens(func, args, kwargs, results)
+        if sig.kind is None:
+            return results[0]
+        return sig.kind(results)
+
+    def _new_storage(self, desc, value) -> Storage:
+        return Storage(desc[4], self.emu.allocator, True if value is not None else None)
+
+    def _synthesize_tokens(self, func, args, kwargs, results) -> None:
+        pos = _TOKEN_OPS[func]
+        out = results[pos]
+        src = args[0]
+        if func is aten.multinomial.default:
+            vocab = src.shape[-1]
+        elif func is aten.argmax.default and (len(args) < 2 or args[1] is None) and kwargs.get("dim") is None:
+            vocab = src.numel()
+        else:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+            if func is aten.topk.default:
+                dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+            vocab = src.shape[dim] if src.dim() else 1
+        out._value = self.emu.oracle.token_ids(
+            tuple(out.shape), vocab, str(func.overloadpacket._qualified_op_name)
+        )
+        out._value = out._value.to(out.dtype).as_strided(out.shape, out.stride(), 0)
+        out._vstorage.value = True
+
+    def _dynamic(self, func, args, kwargs, tensors) -> Any:
+        """An op whose output shape depends on values: run it on the shadow values, or fail clearly."""
+        if any(type(t) is VTensor and t.value() is None for t in tensors):
+            raise DataDependentError(
+                f"revati: {func} needs the values of a virtual tensor that has none "
+                "(its output shape depends on them); this op is not emulated on value-less tensors"
+            )
+        self.ops += 1
+        self.value_ops += 1
+        real = func(*_map_tensors(args, _cpu_value), **_cpu_kwargs(kwargs))
+        reals = [real] if isinstance(real, _Tensor) else list(real)
+        outs = [_wrap_value(self, r) if isinstance(r, _Tensor) else r for r in reals]
+        key, features = op_features(func, _map_tensors(args, meta_of), {}, [meta_of(r) for r in reals])
+        self.emu.account_once(key, features, op_dtype(args, kwargs))
+        return outs[0] if isinstance(real, _Tensor) else type(real)(outs)
+
+    # -- host reads ------------------------------------------------------------------------------
+
+    def read(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """The host reads a virtual tensor: wait for the device, then hand over its value (or zeros)."""
+        self.emu.host_sync()
+        value = t.value() if type(t) is VTensor else t
+        if value is None:
+            return self.emu.oracle.zeros(tuple(t.shape), t.dtype, what)
+        return value
+
+
+def _meta_desc(m: torch.Tensor) -> tuple:
+    return (m.shape, m.stride(), m.storage_offset(), m.dtype, m.untyped_storage().nbytes())
+
+
+def _wrap_value(d: Dispatcher, r: torch.Tensor) -> VTensor:
+    storage = Storage(r.untyped_storage().nbytes(), d.emu.allocator, True)
+    return make(r.shape, r.stride(), r.storage_offset(), r.dtype, d.emu.device, storage, r)
+
+
+def _map_tensors(x, fn):
+    if isinstance(x, _Tensor):
+        return fn(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(e, fn) for e in x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    return x
+
+
+def _cpu_value(t: torch.Tensor) -> torch.Tensor:
+    return t._value if type(t) is VTensor else t
+
+
+def _cpu_kwargs(kwargs: dict) -> dict:
+    kw = _map_tensors(kwargs, _cpu_value)
+    if kw.get("device") is not None:
+        kw["device"] = _CPU
+    return kw
+
+
+def _scalars(args, kwargs) -> str | None:
+    vals = [a for a in args if isinstance(a, (int, float, bool)) and not isinstance(a, _Tensor)]
+    vals += [v for v in kwargs.values() if isinstance(v, (int, float, bool))]
+    return repr(vals) if vals else None
+
+
+def _data_dependent(e: Exception) -> bool:
+    text = str(e)
+    return isinstance(e, torch._subclasses.fake_tensor.DynamicOutputShapeException) or any(
+        s in text
+        for s in (
+            "data-dependent",
+            "data-independent",
+            "cannot be called on meta",
+            "data dependent",
+            "Could not guard",
+        )
+    )
+
+
+# -- ops with their own rules ------------------------------------------------------------------
+
+
+def _local_scalar_dense(d: Dispatcher, func, args, kwargs):
+    return d.read(args[0], "item").item()
+
+
+def _to_copy(d: Dispatcher, func, args, kwargs):
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "cpu":
+        kw = {k: v for k, v in kwargs.items() if k in ("dtype", "memory_format")}
+        return d.read(args[0], "to_cpu").to(**kw) if kw else d.read(args[0], "to_cpu").clone()
+    return _generic(d, func, args, kwargs)
+
+
+def _copy_(d: Dispatcher, func, args, kwargs):
+    dst, src = args[0], args[1]
+    if type(dst) is not VTensor:  # device to host
+        dst.copy_(d.read(src, "to_cpu"))
+        return dst
+    return _generic(d, func, args, kwargs)
+
+
+def _equal(d: Dispatcher, func, args, kwargs):
+    a, b = d.read(args[0], "equal"), d.read(args[1], "equal")
+    return bool(torch.equal(a, b))
+
+
+def _is_nonzero(d: Dispatcher, func, args, kwargs):
+    return bool(d.read(args[0], "item").item())
+
+
+def _fused_sdp_choice(d: Dispatcher, func, args, kwargs):
+    """The fused attention a CUDA build would pick: flash without a mask in half precision, else efficient."""
+    q = args[0]
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    flash = half and mask is None and q.shape[-1] <= 256
+    return 1 if flash else 2  # SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
+
+
+def _generic(d: Dispatcher, func, args, kwargs):
+    return d.run(func, args, kwargs)
+
+
+_SPECIAL = {
+    aten._local_scalar_dense.default: _local_scalar_dense,
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy_,
+    aten.equal.default: _equal,
+    aten.is_nonzero.default: _is_nonzero,
+    aten._fused_sdp_choice.default: _fused_sdp_choice,
+}

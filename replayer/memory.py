@@ -1,0 +1,110 @@
+"""Virtual device memory: live bytes of virtual storages, peaks, and out-of-memory like the device's."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# The CUDA caching allocator rounds requests up to 512 bytes; engines size caches from these numbers.
+_ROUND = 512
+# What the CUDA context itself takes on a real H100 (driver, cuBLAS workspaces): seen as the gap between
+# total memory and what mem_get_info reports free before the first allocation.
+CONTEXT_BYTES = 500 * 2**20
+
+
+def _rounded(nbytes: int) -> int:
+    return (nbytes + _ROUND - 1) // _ROUND * _ROUND
+
+
+class Allocator:
+    """Counts the bytes of live virtual storages; raises `torch.cuda.OutOfMemoryError` past capacity."""
+
+    def __init__(self, capacity: int, device_name: str = "GPU"):
+        self.capacity = capacity
+        self.device_name = device_name
+        self.allocated = 0
+        self.peak = 0
+        self.reserved = 0
+        self.peak_reserved = 0
+        self.num_allocs = 0
+        self.num_ooms = 0
+        self._lock = threading.Lock()
+
+    def alloc(self, nbytes: int) -> int:
+        size = _rounded(nbytes)
+        with self._lock:
+            if self.allocated + size > self.capacity - CONTEXT_BYTES:
+                self.num_ooms += 1
+                raise torch.cuda.OutOfMemoryError(self._oom_message(size))
+            self.allocated += size
+            self.num_allocs += 1
+            self.peak = max(self.peak, self.allocated)
+            # A caching allocator keeps what it once held: reserved follows the high-water mark.
+            self.reserved = max(self.reserved, self.allocated)
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        return size
+
+    def free(self, size: int) -> None:
+        with self._lock:
+            self.allocated -= size
+
+    def empty_cache(self) -> None:
+        with self._lock:
+            self.reserved = self.allocated
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.allocated
+            self.peak_reserved = self.reserved
+
+    def free_bytes(self) -> int:
+        return max(0, self.capacity - CONTEXT_BYTES - self.reserved)
+
+    def _oom_message(self, size: int) -> str:
+        gib = 2**30
+        free = self.capacity - CONTEXT_BYTES - self.allocated
+        return (
+            f"CUDA out of memory. Tried to allocate {size / gib:.2f} GiB. GPU 0 has a total capacity of "
+            f"{self.capacity / gib:.2f} GiB of which {max(free, 0) / gib:.2f} GiB is free. "
+            f"Of the allocated memory {self.allocated / gib:.2f} GiB is allocated by PyTorch "
+            f"(virtual {self.device_name})."
+        )
+
+    def stats(self) -> dict[str, int]:
+        """The subset of `torch.cuda.memory_stats()` keys that engines read."""
+        out = {}
+        for name, cur, peak in (
+            ("allocated_bytes", self.allocated, self.peak),
+            ("reserved_bytes", self.reserved, self.peak_reserved),
+            ("active_bytes", self.allocated, self.peak),
+            ("requested_bytes", self.allocated, self.peak),
+        ):
+            out[f"{name}.all.current"] = cur
+            out[f"{name}.all.peak"] = peak
+            out[f"{name}.all.allocated"] = peak
+            out[f"{name}.all.freed"] = peak - cur
+        out["num_alloc_retries"] = 0
+        out["num_ooms"] = self.num_ooms
+        out["allocation.all.current"] = self.num_allocs
+        return out
+
+
+class Storage:
+    """A virtual storage: its bytes count against the allocator while any tensor viewing it lives.
+
+    `value` is the shadow value's CPU storage (a real tensor over the whole storage) or None when the
+    contents are unknown; every view of the storage reads its value through it.
+    """
+
+    __slots__ = ("nbytes", "_size", "_allocator", "value", "__weakref__")
+
+    def __init__(self, nbytes: int, allocator: Allocator | None, value: torch.Tensor | None = None):
+        self.nbytes = nbytes
+        self._allocator = allocator
+        self._size = allocator.alloc(nbytes) if allocator is not None and nbytes else 0
+        self.value = value
+
+    def __del__(self):
+        if self._size and self._allocator is not None:
+            self._allocator.free(self._size)

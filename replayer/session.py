@@ -1,0 +1,353 @@
+"""The emulator: one virtual GPU, its clock and memory, and the patches that make `cuda` mean it.
+
+with Emulator(gpu("h100"), Roofline(gpu("h100"))) as emu:
+    x = torch.randn(4096, 4096, device="cuda")   # a VTensor: shape, no data
+    y = x @ x                                    # no kernel runs; the clock advances
+    torch.cuda.synchronize()
+    print(emu.clock.now)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from replayer import cuda as _cuda
+from replayer import native, timewarp
+from replayer.clock import Clock
+from replayer.dispatch import Dispatcher, Signature
+from replayer.memory import Allocator
+from replayer.oracle import TokenOracle
+from replayer.tensor import VTensor
+from revati.cost import CostModel
+from revati.hardware import GpuSpec
+
+_CURRENT: Emulator | None = None
+_LIBRARY: torch.library.Library | None = None
+_MISSING = object()
+
+
+class Patcher:
+    """Sets attributes and puts every one back, in reverse order, on `restore()`."""
+
+    def __init__(self):
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._hooks: list = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        self._saved.append(
+            (obj, name, obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING)
+        )
+        setattr(obj, name, value)
+
+    def on_restore(self, fn) -> None:
+        self._hooks.append(fn)
+
+    def restore(self) -> None:
+        for fn in reversed(self._hooks):
+            fn()
+        for obj, name, old in reversed(self._saved):
+            if old is _MISSING:
+                try:
+                    delattr(obj, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(obj, name, old)
+        self._saved.clear()
+        self._hooks.clear()
+
+
+def current() -> Emulator:
+    """The active emulator; a virtual tensor used outside one is an error."""
+    if _CURRENT is None:
+        raise RuntimeError("revati: a virtual CUDA tensor was used after its emulator was deactivated")
+    return _CURRENT
+
+
+class Emulator:
+    """A virtual GPU of kind `gpu` whose op durations come from `cost`."""
+
+    def __init__(
+        self,
+        gpu: GpuSpec,
+        cost: CostModel,
+        *,
+        host_time: str = "deterministic",
+        keep_ops: bool = True,
+        special_tokens: set[int] | None = None,
+        seed: int = 0,
+        device_count: int = 1,
+    ):
+        if host_time not in ("wall", "deterministic"):
+            raise ValueError(f"host_time must be 'wall' or 'deterministic', not {host_time!r}")
+        self.gpu = gpu
+        self.cost = cost
+        self.host_time = host_time
+        self.device = torch.device("cuda", 0)
+        self.device_count = device_count
+        self.clock = Clock(launch_latency=cost.launch_latency, wall=host_time == "wall")
+        self.allocator = Allocator(gpu.memory_bytes, gpu.name)
+        self.oracle = TokenOracle(special_tokens, seed)
+        self.dispatcher = Dispatcher(self)
+        self.keep_ops = keep_ops
+        self.ops: list[tuple] = []
+        self.iterations: list[dict] = []
+        self.graph_replays = 0
+        self.active = False
+        self.extra_syncs: Counter[str] = Counter()
+        self._iteration: int | None = None
+        self._iteration_open: dict | None = None
+        self._patch = Patcher()
+        self.torch_cuda = torch.cuda
+
+    # -- activation ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Emulator:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        """Make `cuda` mean this virtual GPU in every thread of the process."""
+        global _CURRENT
+        if _CURRENT is not None:
+            raise RuntimeError("revati: an emulator is already active in this process")
+        _CURRENT = self
+        native.load()
+        _register_fallback()
+        _cuda.install(self, self._patch)
+        _install_entry_points(self, self._patch)
+        timewarp.install(self, self._patch)
+        self.active = True
+
+    def deactivate(self) -> None:
+        global _CURRENT
+        self.active = False
+        self._patch.restore()
+        _CURRENT = None
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def dispatch(self, func, args, kwargs):
+        if self.clock.wall:
+            st = self.clock.enter()
+            try:
+                return self.dispatcher.dispatch(func, args, kwargs)
+            finally:
+                self.clock.leave(st)
+        return self.dispatcher.dispatch(func, args, kwargs)
+
+    def account(self, sig: Signature) -> None:
+        """Advance the clocks for one op and log it."""
+        host, start, stream = self.clock.launch(sig.duration, sig.host)
+        if self.keep_ops:
+            self.ops.append((sig.sig_id, host, sig.host, start, sig.duration, stream, self._iteration))
+
+    def account_once(self, key: str, features: dict, dtype) -> None:
+        """An op seen once (data-dependent shapes): priced and logged without a cached signature."""
+        duration = self.cost.device_time(key, features, dtype)
+        self.clock.launch(duration, self.cost.host_time(key))
+
+    def host_sync(self) -> None:
+        """A host read of device data: wait for the calling thread's stream."""
+        self.clock.sync_stream(self.clock.current_stream())
+        self.clock.advance(self.cost.sync_latency)
+
+    def from_host(
+        self, t: torch.Tensor, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> VTensor:
+        """A host-to-device copy of a real CPU tensor."""
+        if dtype is not None and dtype != t.dtype:
+            t = t.to(dtype)
+        dst = self.dispatcher.factory(
+            torch.ops.aten.empty_strided.default,
+            (t.shape, t.stride()),
+            {"dtype": t.dtype, "device": self.device},
+        )
+        dst.copy_(t)
+        return dst
+
+    # -- engine steps (the Observer protocol of revati.engines) ---------------------------------
+
+    def iteration_start(self, phase: str, batch_size: int, tokens: int, kv_tokens: int) -> None:
+        clock = self.clock
+        now = clock.read()
+        stream = clock.current_stream()
+        self._iteration = len(self.iterations)
+        self._iteration_open = {
+            "rank": 0,
+            "iteration_id": self._iteration,
+            "phase": phase,
+            "batch_size": batch_size,
+            "tokens": tokens,
+            "kv_tokens": kv_tokens,
+            "host_start": now,
+            "device_start": max(clock.streams.get(stream, 0.0), now),
+        }
+
+    def iteration_end(self) -> None:
+        row = self._iteration_open
+        if row is None:
+            return
+        clock = self.clock
+        row["host_end"] = clock.read()
+        row["device_end"] = max(clock.streams.get(clock.current_stream(), 0.0), row["device_start"])
+        self.iterations.append(row)
+        self._iteration_open = None
+        self._iteration = None
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def synthesized(self) -> dict[str, int]:
+        return dict(self.oracle.synthesized)
+
+    def op_rows(self) -> dict[str, list]:
+        """The op log as columns of the trace's `ops` table."""
+        sigs = self.dispatcher.signatures
+        cols: dict[str, list] = {
+            k: []
+            for k in (
+                "rank",
+                "op_id",
+                "name",
+                "input_shapes",
+                "dtypes",
+                "scalars",
+                "stream",
+                "host_start",
+                "host_duration",
+                "device_start",
+                "device_duration",
+                "in_graph",
+                "iteration_id",
+                "predicted",
+                "extrapolated",
+            )
+        }
+        for op_id, (sid, host, hdur, start, dur, stream, it) in enumerate(self.ops):
+            s = sigs[sid]
+            cols["rank"].append(0)
+            cols["op_id"].append(op_id)
+            cols["name"].append(s.key)
+            cols["input_shapes"].append(s.input_shapes)
+            cols["dtypes"].append(s.input_dtypes)
+            cols["scalars"].append(s.scalars)
+            cols["stream"].append(stream)
+            cols["host_start"].append(host)
+            cols["host_duration"].append(hdur)
+            cols["device_start"].append(start)
+            cols["device_duration"].append(dur)
+            cols["in_graph"].append(False)
+            cols["iteration_id"].append(it)
+            cols["predicted"].append(True)
+            cols["extrapolated"].append(s.extrapolated)
+        return cols
+
+
+def _register_fallback() -> None:
+    """Route calls on the CUDA dispatch key (factories with device='cuda') to the active emulator."""
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return
+
+    def fallback(op, *args, **kwargs):
+        emu = _CURRENT
+        if emu is None:
+            raise RuntimeError(
+                f"{op}: PyTorch is not linked with support for cuda devices (no emulator active)"
+            )
+        return emu.dispatcher.factory(op, args, kwargs)
+
+    lib = torch.library.Library("_", "IMPL")
+    lib.fallback(fallback, dispatch_key="CUDA")
+    _LIBRARY = lib  # must stay alive, or the registration goes with it
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True
+    return torch.device(device).type == "cuda"
+
+
+def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
+    """Host tensors that move to `cuda` fail in C++ on a CPU build before any dispatch; catch them here."""
+    Tensor = torch.Tensor
+    real_to, real_tensor, real_as_tensor = Tensor.to, torch.tensor, torch.as_tensor
+
+    def to(self, *args, **kwargs):
+        if type(self) is not VTensor:
+            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*_int_device(args), **kwargs)
+            if _is_cuda(device):
+                return emu.from_host(self, dtype, non_blocking)
+        return real_to(self, *args, **kwargs)
+
+    def cuda(self, device=None, non_blocking=False, memory_format=None):
+        if type(self) is VTensor:
+            return self
+        return emu.from_host(self, None, non_blocking)
+
+    def pin_memory(self, device=None):
+        return self
+
+    def is_pinned(self, device=None):
+        return False
+
+    def tensor(data, *, dtype=None, device=None, requires_grad=False, pin_memory=False):
+        if _is_cuda(device):
+            return emu.from_host(real_tensor(data, dtype=dtype), None).requires_grad_(requires_grad)
+        return real_tensor(data, dtype=dtype, device=device, requires_grad=requires_grad)
+
+    def as_tensor(data, dtype=None, device=None):
+        if _is_cuda(device):
+            if isinstance(data, VTensor):
+                return data if dtype in (None, data.dtype) else data.to(dtype)
+            return emu.from_host(real_as_tensor(data, dtype=dtype), None)
+        return real_as_tensor(data, dtype=dtype, device=device)
+
+    def host_built(name):
+        # Composite factories that fill through an `out=` argument after allocating it empty; a wrapper
+        # tensor cannot be resized in place, so these are built on the host and copied over.
+        real = getattr(torch, name)
+
+        def factory(*args, device=None, **kwargs):
+            if _is_cuda(device):
+                return emu.from_host(real(*args, **kwargs), None)
+            return real(*args, device=device, **kwargs)
+
+        factory.__name__ = name
+        return factory
+
+    for name in (
+        "arange",
+        "range",
+        "linspace",
+        "logspace",
+        "randperm",
+        "eye",
+        "tril_indices",
+        "triu_indices",
+    ):
+        patch.set(torch, name, host_built(name))
+    patch.set(Tensor, "to", to)
+    patch.set(Tensor, "cuda", cuda)
+    patch.set(Tensor, "pin_memory", pin_memory)
+    patch.set(Tensor, "is_pinned", is_pinned)
+    patch.set(torch, "tensor", tensor)
+    patch.set(torch, "as_tensor", as_tensor)
+
+
+def _int_device(args: tuple) -> tuple:
+    """`t.to(0)` means cuda:0; the parser would ask for an accelerator that a CPU build lacks."""
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        return (torch.device("cuda", args[0]),) + tuple(args[1:])
+    return args
+
+
+__all__ = ["Emulator", "Patcher", "current"]

@@ -1,0 +1,113 @@
+"""Virtual tensors: device `cuda`, shape and dtype of a real tensor, no data — sometimes a shadow value.
+
+A `VTensor` is a wrapper subclass reporting `cuda:N`. It holds a `Storage` (bytes counted by the
+virtual allocator, shared by views) and, when known, a shadow value: a real CPU tensor with the same
+shape, kept when every input had a value and the result is small (token ids, positions, masks, block
+tables). Everything else is metadata computed once per op signature on the meta device and cached.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from replayer.memory import Storage
+
+# Shadow values are kept up to these sizes (elements): ints and bools drive control flow and are
+# cheap; floats rarely matter and cost real CPU time to compute.
+INT_VALUE_LIMIT = 1 << 20
+FLOAT_VALUE_LIMIT = 1 << 14
+
+_INTEGRAL = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+
+
+def value_allowed(dtype: torch.dtype, numel: int) -> bool:
+    """Whether a tensor of this dtype and size keeps a shadow value."""
+    return numel <= (INT_VALUE_LIMIT if dtype in _INTEGRAL else FLOAT_VALUE_LIMIT)
+
+
+class VTensor(torch.Tensor):
+    """A tensor on the virtual CUDA device: metadata, a virtual storage, maybe a shadow value."""
+
+    _vstorage: Storage
+    _value: torch.Tensor | None
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, *args, **kwargs):
+        raise TypeError("VTensors are made by the emulator (replayer.tensor.make), not constructed directly")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from replayer import session
+
+        return session.current().dispatch(func, args, kwargs or {})
+
+    def __repr__(self, *, tensor_contents=None):
+        value = self.value()
+        body = f"{value.tolist()}, " if value is not None and value.numel() <= 16 else ""
+        return f"tensor({body}size={tuple(self.shape)}, dtype={self.dtype}, device='{self.device}')"
+
+    def value(self) -> torch.Tensor | None:
+        """The shadow value, or None when the contents are unknown."""
+        if self._value is not None and self._vstorage.value is not None:
+            return self._value
+        return None
+
+    def tolist(self):
+        return self.cpu().tolist()
+
+    def numpy(self, *, force: bool = False):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def __reduce_ex__(self, proto):
+        raise TypeError("virtual tensors cannot be pickled: they hold no data")
+
+    # `module.to(dtype)` assigns `param.data`; that swaps the C++ metadata only, so follow along here.
+    @property
+    def data(self):
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, new):
+        torch._C.TensorBase.data.__set__(self, new)
+        if isinstance(new, VTensor):
+            self._vstorage, self._value = new._vstorage, new._value
+
+
+_wrap = torch.Tensor._make_wrapper_subclass
+
+
+def make(
+    shape,
+    stride,
+    offset: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    storage: Storage,
+    value: torch.Tensor | None,
+) -> VTensor:
+    """A VTensor over `storage` with the given metadata and shadow value."""
+    t = _wrap(VTensor, shape, strides=stride, storage_offset=offset, dtype=dtype, device=device)
+    t._vstorage = storage
+    t._value = value
+    return t
+
+
+def meta_of(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with `t`'s shape, strides, offset and dtype (over a storage as large as t's)."""
+    if isinstance(t, VTensor):
+        elems = max(t._vstorage.nbytes // t.element_size(), 1)
+        base = torch.empty(elems, dtype=t.dtype, device="meta")
+        return base.as_strided(t.shape, t.stride(), t.storage_offset())
+    return t.to("meta")
+
+
+def host_value(t: torch.Tensor) -> torch.Tensor | None:
+    """The CPU value behind a tensor argument: a plain tensor is its own value."""
+    if isinstance(t, VTensor):
+        return t.value()
+    return t

@@ -1,0 +1,190 @@
+"""Time warp: the serving code's clocks, sleeps and waits run on virtual time.
+
+`time.time / perf_counter / monotonic` (and `_ns`) read the virtual host clock; `time.sleep`,
+condition waits (hence `threading.Event`, `queue.Queue`, futures) and an idle asyncio loop block in
+virtual time, so a server waiting for its next request costs no wall time. `threading` and `queue`
+bind `time.monotonic` at import; their bindings are patched too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import selectors
+import threading
+import time
+from itertools import islice
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replayer.session import Emulator, Patcher
+
+_real = {
+    name: getattr(time, name)
+    for name in ("time", "time_ns", "perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "sleep")
+}
+_real_wait = threading.Condition.wait
+_real_notify = threading.Condition.notify
+
+
+def install(emu: Emulator, patch: Patcher) -> None:
+    """Route the time module, condition waits and new asyncio loops through the virtual clock."""
+    clock = emu.clock
+    bases = {name: _real[name]() for name in ("time", "perf_counter", "monotonic")}
+
+    def reader(name):
+        base = bases[name]
+        real = _real[name]
+
+        def read():
+            if clock.is_exempt():
+                return real()
+            return base + clock.read()
+
+        read.__name__ = name
+        return read
+
+    def reader_ns(name):
+        base = bases[name]
+        real = _real[name + "_ns"]
+
+        def read_ns():
+            if clock.is_exempt():
+                return real()
+            return int((base + clock.read()) * 1e9)
+
+        read_ns.__name__ = name + "_ns"
+        return read_ns
+
+    def sleep(seconds):
+        if clock.is_exempt():
+            return _real["sleep"](seconds)
+        if seconds < 0:
+            raise ValueError("sleep length must be non-negative")
+        clock.sleep(seconds)
+
+    def wait(self, timeout=None):
+        if clock.is_exempt() or not emu.active:
+            return _real_wait(self, timeout)
+        if not self._is_owned():
+            raise RuntimeError("cannot wait on un-acquired lock")
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        saved = self._release_save()
+        woken = False
+        try:
+            if timeout is not None and timeout <= 0:
+                woken = waiter.acquire(False)
+            else:
+                deadline = None if timeout is None else clock.now + timeout
+                woken = clock.block(deadline, waiter)
+            return woken
+        finally:
+            self._acquire_restore(saved)
+            if not woken:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    def notify(self, n=1):
+        if not self._is_owned():
+            raise RuntimeError("cannot notify on un-acquired lock")
+        waiters = self._waiters
+        for waiter in list(islice(waiters, n)):
+            clock.unblock(waiter)
+            try:
+                waiter.release()
+            except RuntimeError:  # timed out meanwhile
+                pass
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    for name in ("time", "perf_counter", "monotonic"):
+        patch.set(time, name, reader(name))
+        patch.set(time, name + "_ns", reader_ns(name))
+    patch.set(time, "sleep", sleep)
+    patch.set(threading.Condition, "wait", wait)
+    patch.set(threading.Condition, "notify", notify)
+    patch.set(threading, "_time", time.monotonic)
+    patch.set(queue, "time", time.monotonic)
+    old_policy = asyncio.get_event_loop_policy()
+    patch.on_restore(lambda: asyncio.set_event_loop_policy(old_policy))
+    asyncio.set_event_loop_policy(_VirtualPolicy(emu))
+
+
+class _VirtualSelector(selectors.BaseSelector):
+    """A selector that waits in virtual time: returns ready sockets at once, else blocks on the clock."""
+
+    def __init__(self, emu: Emulator, loop: VirtualLoop):
+        self._sel = selectors.DefaultSelector()
+        self._emu = emu
+        self._loop = loop
+        self.wake: threading.Lock | None = None
+
+    def register(self, fileobj, events, data=None):
+        return self._sel.register(fileobj, events, data)
+
+    def unregister(self, fileobj):
+        return self._sel.unregister(fileobj)
+
+    def modify(self, fileobj, events, data=None):
+        return self._sel.modify(fileobj, events, data)
+
+    def get_map(self):
+        return self._sel.get_map()
+
+    def get_key(self, fileobj):
+        return self._sel.get_key(fileobj)
+
+    def close(self):
+        self._sel.close()
+
+    def select(self, timeout=None):
+        ready = self._sel.select(0)
+        if ready or (timeout is not None and timeout <= 0):
+            return ready
+        clock = self._emu.clock
+        deadline = None if timeout is None else clock.now + timeout
+        lock = threading.Lock()
+        lock.acquire()
+        self.wake = lock
+        try:
+            clock.block(deadline, lock, poll=lambda: bool(self._sel.select(0)))
+        finally:
+            self.wake = None
+        return self._sel.select(0)
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose `time()` is the virtual clock; idle, it jumps to its next timer."""
+
+    def __init__(self, emu: Emulator):
+        self._emu = emu
+        self._vselector = _VirtualSelector(emu, self)
+        super().__init__(self._vselector)
+
+    def time(self):
+        return time.monotonic()
+
+    def _write_to_self(self):
+        super()._write_to_self()
+        lock = self._vselector.wake
+        if lock is not None:  # another thread scheduled a callback: wake the loop now
+            self._emu.clock.unblock(lock)
+            try:
+                lock.release()
+            except RuntimeError:
+                pass
+
+
+class _VirtualPolicy(asyncio.DefaultEventLoopPolicy):
+    def __init__(self, emu: Emulator):
+        super().__init__()
+        self._emu = emu
+
+    def new_event_loop(self):
+        return VirtualLoop(self._emu)
