@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 # Real time (s) a silent observer may keep the clock from jumping, and a handing-off actor waits
 # for a woken thread that went silent (it may be blocked where the emulator cannot see).
 _GRACE = 0.05
+# Real time (s) after which a silent actor counts as blocked where the emulator cannot see (a C-level
+# lock, a socket): a safety net against deadlock, counted in `stalls`.
+_ACTOR_GRACE = 0.5
 # Real time (s) between re-checks of a blocked thread.
 _POLL = 0.01
 
@@ -270,7 +273,7 @@ class Clock:
                 continue
             if st.blocked:
                 continue
-            if st.actor or now_real - st.last_contact < _GRACE:
+            if now_real - st.last_contact < (_ACTOR_GRACE if st.actor else _GRACE):
                 return
             stalled = True
         while self._heap and self._heap[0].cancelled:

@@ -406,6 +406,14 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(cuda.nvtx, "mark", nvtx_mark)
     patch.set(cuda.nvtx, "range", nvtx_range)
     patch.set(torch.version, "cuda", "12.8")
+    real_get_device_module = torch.get_device_module
+
+    def get_device_module(device=None):
+        if device is None or torch.device(device).type == "cuda":
+            return torch.cuda
+        return real_get_device_module(device)
+
+    patch.set(torch, "get_device_module", get_device_module)
     _install_accelerator(emu, patch, synchronize)
 
 

@@ -102,6 +102,7 @@ class Storage:
     def __init__(self, nbytes: int, allocator: Allocator | None, value: torch.Tensor | None = None):
         self.nbytes = nbytes
         self._allocator = allocator
+        self._size = 0  # set before alloc: a failed allocation still runs __del__
         self._size = allocator.alloc(nbytes) if allocator is not None and nbytes else 0
         self.value = value
 

@@ -317,8 +317,9 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
         real = getattr(torch, name)
 
         def factory(*args, device=None, **kwargs):
-            if _is_cuda(device):
-                return emu.from_host(real(*args, **kwargs), None)
+            if _is_cuda(device if device is not None else torch.get_default_device()):
+                with torch.device("cpu"):
+                    return emu.from_host(real(*args, **kwargs), None)
             return real(*args, device=device, **kwargs)
 
         factory.__name__ = name

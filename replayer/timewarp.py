@@ -24,6 +24,7 @@ _real = {
     for name in ("time", "time_ns", "perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "sleep")
 }
 _real_wait = threading.Condition.wait
+_real_join = threading.Thread.join
 _real_notify = threading.Condition.notify
 
 
@@ -103,12 +104,21 @@ def install(emu: Emulator, patch: Patcher) -> None:
             except ValueError:
                 pass
 
+    def join(self, timeout=None):
+        if clock.is_exempt() or not emu.active or not self.is_alive() or self is threading.current_thread():
+            return _real_join(self, timeout)
+        deadline = None if timeout is None else clock.now + timeout
+        clock.block(deadline, None, poll=lambda: not self.is_alive())
+        if not self.is_alive():
+            _real_join(self)
+
     for name in ("time", "perf_counter", "monotonic"):
         patch.set(time, name, reader(name))
         patch.set(time, name + "_ns", reader_ns(name))
     patch.set(time, "sleep", sleep)
     patch.set(threading.Condition, "wait", wait)
     patch.set(threading.Condition, "notify", notify)
+    patch.set(threading.Thread, "join", join)
     patch.set(threading, "_time", time.monotonic)
     patch.set(queue, "time", time.monotonic)
     old_policy = asyncio.get_event_loop_policy()

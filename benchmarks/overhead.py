@@ -1,0 +1,107 @@
+"""Emulator overhead, measured in one run (this machine is noisy: compare ratios, not absolute times).
+
+1. µs per intercepted op on the cached path (an elementwise add on virtual tensors) against an
+   empty dispatch mode (a TorchDispatchMode that returns a ready tensor: the floor of any Python
+   interception) and against the plain CPU op.
+2. Wall time of a tiny model served by a real engine under emulation against the same engine on
+   real CPU tensors (the serving code's own host time plus the tiny model's CPU kernels).
+
+    python benchmarks/overhead.py [--ops 20000] [--engine hf-generate] [--requests 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from replayer.session import Emulator
+from revati.cost import Roofline
+from revati.engines import run_engine
+from revati.hardware import gpu
+from revati.models import build_model, load_config
+from revati.workloads import parse_workload
+
+real_perf_counter = time.perf_counter  # bound before any emulator patches `time`
+
+
+class _EmptyMode(TorchDispatchMode):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.out
+
+
+def _per_op(fn, n: int) -> float:
+    for _ in range(200):
+        fn()
+    t0 = real_perf_counter()
+    for _ in range(n):
+        fn()
+    return (real_perf_counter() - t0) / n * 1e6
+
+
+def op_overhead(n: int) -> dict[str, float]:
+    a = torch.randn(64, 128)
+    plain = _per_op(lambda: a + a, n)
+    with _EmptyMode(a):
+        empty = _per_op(lambda: a + a, n)
+    spec = gpu("h100")
+    with Emulator(spec, Roofline(spec), keep_ops=True) as emu:
+        v = torch.randn(64, 128, device="cuda")
+        cached = _per_op(lambda: v + v, n)
+        misses = emu.dispatcher.misses
+    return {"plain_cpu_us": plain, "empty_mode_us": empty, "cached_us": cached, "misses": misses}
+
+
+def engine_overhead(engine: str, requests: int) -> dict[str, float]:
+    config = load_config("tiny-llama")
+    config.eos_token_id = None
+    work = parse_workload(f"poisson:rate=inf,n={requests},prompt=fixed(128),output=fixed(32),seed=1")
+    model = build_model(config, "cpu", torch.float32)
+    run_engine(engine, model, work.requests[:2])  # warm both paths' imports and caches
+    t0 = real_perf_counter()
+    run_engine(engine, model, work.requests)
+    real = real_perf_counter() - t0
+    del model
+    spec = gpu("h100")
+    with Emulator(spec, Roofline(spec), keep_ops=False) as emu:
+        vmodel = build_model(config, "cuda", torch.float32)
+        run_engine(engine, vmodel, work.requests[:2])
+        ops0 = emu.dispatcher.ops
+        t0 = real_perf_counter()
+        run_engine(engine, vmodel, work.requests)
+        emulated = real_perf_counter() - t0
+        ops = emu.dispatcher.ops - ops0
+    return {"real_cpu_s": real, "emulated_s": emulated, "ops": ops}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ops", type=int, default=20000)
+    parser.add_argument("--engine", default="hf-generate")
+    parser.add_argument("--requests", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    o = op_overhead(args.ops)
+    print(f"per op, elementwise add (64x128), {args.ops} calls:")
+    print(f"  plain CPU op              {o['plain_cpu_us']:7.2f} us")
+    print(f"  empty dispatch mode       {o['empty_mode_us']:7.2f} us")
+    print(f"  emulator, cached path     {o['cached_us']:7.2f} us   (signature misses: {o['misses']})")
+    print(f"  ratio cached / empty mode {o['cached_us'] / o['empty_mode_us']:7.2f}x")
+    e = engine_overhead(args.engine, args.requests)
+    print(f"{args.engine}, tiny-llama, {args.requests} requests (prompt 128, output 32), all at t=0:")
+    print(f"  real CPU tensors          {e['real_cpu_s']:7.3f} s")
+    print(f"  emulated (virtual H100)   {e['emulated_s']:7.3f} s   ({e['ops']:,} ops, "
+          f"{e['emulated_s'] / max(e['ops'], 1) * 1e6:.1f} us per op all in)")  # fmt: skip
+    print(f"  ratio emulated / real     {e['emulated_s'] / e['real_cpu_s']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""An emulated run: a real engine serving a workload on a virtual GPU, written as a trace.
+
+result = emulate(EmulationConfig(engine="hf-cb", model="llama-3.1-8b", gpu="h100"), workload)
+print(result.metrics.ttft.p50, result.virtual_seconds, result.wall_seconds)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from replayer.session import Emulator
+from revati.cost import CostModel
+from revati.hardware import GpuSpec
+from revati.metrics import RequestResult, ServingMetrics, summarize
+from revati.schema import TraceWriter
+from revati.workloads import Workload
+
+_real_perf_counter = time.perf_counter
+
+
+@dataclass
+class EmulationConfig:
+    """Everything an emulated run needs besides its workload."""
+
+    engine: str = "hf-cb"
+    model: str = "llama-3.1-8b"
+    gpu: str = "h100"
+    host_time: str = "deterministic"
+    dtype: str = "bfloat16"
+    profile: str | None = None
+    keep_ops: bool = True
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class EmulationResult:
+    """What an emulated run produced, with the emulator's own figures."""
+
+    results: list[RequestResult]
+    metrics: ServingMetrics
+    virtual_seconds: float  # serving time on the virtual clock (first arrival to last token)
+    wall_seconds: float  # real time the serving took on this machine
+    peak_memory: int  # virtual GPU bytes, peak allocated
+    weights_memory: int  # virtual GPU bytes allocated by the model's weights
+    synthesized: dict[str, int]
+    ops: int
+    op_signatures: int
+    trace_dir: Path | None
+    cost_model: str
+
+    @property
+    def warp(self) -> float:
+        """Virtual seconds served per wall second (> 1: faster than the real GPU would run)."""
+        return self.virtual_seconds / self.wall_seconds if self.wall_seconds > 0 else float("inf")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use bfloat16, float16 or float32")
+    return dtype
+
+
+def special_tokens(config) -> set[int]:
+    """Token ids the oracle must never produce: EOS, BOS, PAD of a model config."""
+    ids: set[int] = set()
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def emulate(
+    config: EmulationConfig,
+    workload: Workload,
+    spec: GpuSpec,
+    cost: CostModel,
+    model_config,
+    *,
+    out: Path | None = None,
+    on_result: Callable[[RequestResult], None] | None = None,
+    on_model: Callable[[int], None] | None = None,
+) -> EmulationResult:
+    """Serve `workload` with `config.engine` on a virtual `spec` GPU priced by `cost`; write a trace to `out`."""
+    from revati.engines import run_engine
+    from revati.models import build_model
+
+    emu = Emulator(
+        spec,
+        cost,
+        host_time=config.host_time,
+        keep_ops=config.keep_ops and out is not None,
+        special_tokens=special_tokens(model_config),
+        seed=config.seed,
+    )
+    started = time.time()
+    with emu:
+        model = build_model(model_config, "cuda", _dtype(config.dtype))
+        weights = emu.allocator.allocated
+        if on_model is not None:
+            on_model(weights)
+        wall0 = _real_perf_counter()
+        clock0 = emu.clock.read()
+        results = run_engine(
+            config.engine, model, workload.requests, observer=emu, on_result=on_result, **config.options
+        )
+        torch.cuda.synchronize()
+        wall = _real_perf_counter() - wall0
+        virtual = emu.clock.read() - clock0
+        del model
+    metrics = summarize(results)
+    result = EmulationResult(
+        results=results,
+        metrics=metrics,
+        virtual_seconds=virtual,
+        wall_seconds=wall,
+        peak_memory=emu.allocator.peak,
+        weights_memory=weights,
+        synthesized=emu.synthesized(),
+        ops=emu.dispatcher.ops,
+        op_signatures=len(emu.dispatcher.signatures),
+        trace_dir=out,
+        cost_model=cost.describe(),
+    )
+    if out is not None:
+        _write_trace(out, emu, config, workload, model_config, result, started)
+    return result
+
+
+def _write_trace(out: Path, emu: Emulator, config, workload, model_config, result, started) -> None:
+    run_id = f"emu-{uuid.uuid4().hex[:12]}"
+    spec = emu.gpu
+    with TraceWriter(out, run_id) as writer:
+        writer.write_run(
+            {
+                "source": "emulated",
+                "started_at": _utc(started),
+                "complete": False,
+                "device_kind": spec.key,
+                "device_name": spec.name,
+                "sm_count": spec.sm_count,
+                "memory_bytes": spec.memory_bytes,
+                "torch_version": torch.__version__,
+                "cuda_version": "12.8",
+                "driver_version": None,
+                "engine": config.engine,
+                "model": config.model,
+                "model_config": model_config.to_json_string(use_diff=False),
+                "tp": 1,
+                "pp": 1,
+                "workload": workload.spec,
+                "host_time_mode": config.host_time,
+                "profile": config.profile,
+                "extra": json.dumps(
+                    {
+                        "cost_model": result.cost_model,
+                        "virtual_seconds": result.virtual_seconds,
+                        "wall_seconds": result.wall_seconds,
+                        "peak_memory": result.peak_memory,
+                        "synthesized": result.synthesized,
+                        "options": config.options,
+                    }
+                ),
+            }
+        )
+        if emu.keep_ops and emu.ops:
+            writer.append("ops", emu.op_rows())
+        if emu.iterations:
+            writer.append("iterations", emu.iterations)
+        writer.append("requests", [_request_row(r) for r in result.results])
+
+
+def _request_row(r: RequestResult) -> dict:
+    return {
+        "request_id": r.request_id,
+        "arrival": r.arrival,
+        "prompt_tokens": r.prompt_tokens,
+        "output_tokens": r.output_tokens,
+        "first_token": r.token_times[0] if r.token_times else None,
+        "completion": r.token_times[-1] if r.token_times else None,
+        "token_times": list(r.token_times),
+    }
+
+
+def _utc(ts: float):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def emulate_script(argv: list[str], spec: GpuSpec, cost: CostModel, host_time: str) -> tuple[int, Emulator]:
+    """Run a Python script (`python script.py args` or `script.py args`) under emulation, like `coverage run`."""
+    if argv and Path(argv[0]).name.startswith("python"):
+        argv = argv[1:]
+    if not argv:
+        raise ValueError("revati emulate --: give a script to run, e.g. `revati emulate -- python bench.py`")
+    if argv[0] == "-m":
+        target, is_module = argv[1], True
+        argv = argv[1:]
+    else:
+        target, is_module = argv[0], False
+        if not Path(target).exists():
+            raise FileNotFoundError(f"revati emulate --: no such script {target!r}")
+    emu = Emulator(spec, cost, host_time=host_time, keep_ops=False)
+    saved_argv = sys.argv
+    sys.argv = list(argv)
+    code = 0
+    try:
+        with emu:
+            if not is_module:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            try:
+                if is_module:
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(target, run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return code, emu

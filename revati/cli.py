@@ -1,0 +1,318 @@
+"""The `revati` command.
+
+revati emulate                                   # the embedded default: hf-cb, Llama-3.1-8B, virtual H100
+revati emulate --model llama-3.1-70b --gpu h200 --workload "poisson:rate=1,n=20,prompt=fixed(512),output=fixed(64)"
+revati emulate -- python bench.py --batch 8      # any script, with CUDA virtualized
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from revati.workloads import DEFAULT_WORKLOAD
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Revati: how fast would this LLM serving code run on a GPU you do not have?",
+    rich_markup_mode="rich",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+_BAD_INPUT = 2
+_RUN_FAILED = 1
+
+
+class BadInput(Exception):
+    """A one-line problem with what the user asked for (exit code 2)."""
+
+
+def main() -> None:
+    app()
+
+
+@app.callback()
+def _root() -> None:
+    """Record, fit, emulate and compare LLM serving runs."""
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=(
+        "Examples:\n\n"
+        "  revati emulate\n\n"
+        "  revati emulate --engine hf-generate --model tiny-llama --workload 'poisson:rate=4,n=20,"
+        "prompt=fixed(64),output=fixed(16)' --json\n\n"
+        "  revati emulate --model llama-3.1-70b --gpu h200\n\n"
+        "  revati emulate --workload ../shared/workloads/azure_conv_2023.csv?limit=50\n\n"
+        "  revati emulate -- python bench.py --batch 8"
+    ),
+)
+def emulate(
+    ctx: typer.Context,
+    engine: str = typer.Option("hf-cb", help="Serving engine: hf-generate, hf-cb or hf-serve."),
+    model: str = typer.Option("llama-3.1-8b", help="A shipped model name or the path of an HF config.json."),
+    gpu: str = typer.Option("h100", help="Virtual GPU kind (h100, h200, a100, l40s, ...)."),
+    workload: str = typer.Option(
+        DEFAULT_WORKLOAD, help="Workload spec or trace file (CSV / Parquet / JSONL)."
+    ),
+    profile: Path | None = typer.Option(
+        None, help="A profile fitted by `revati fit` (default: the roofline)."
+    ),
+    host_time: str = typer.Option("deterministic", help="Host time: 'deterministic' (modeled) or 'wall'."),
+    out: Path | None = typer.Option(None, help="Trace directory to write (default: runs/emu-<time>)."),
+    ops: bool = typer.Option(True, help="Keep one row per op in the trace (--no-ops: iterations only)."),
+    dtype: str = typer.Option("bfloat16", help="Weights and activations dtype."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+) -> None:
+    """Run real serving code on a virtual GPU and report how fast it would serve."""
+    try:
+        if ctx.args:
+            _emulate_script(ctx.args, gpu, host_time)
+            return
+        plan = _plan(engine, model, gpu, workload, profile, host_time, out, dtype)
+    except BadInput as e:
+        _fail(str(e), _BAD_INPUT)
+    _run_emulation(plan, ops, as_json)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]revati:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype) -> dict:
+    """Validate every input before anything is built or written."""
+    from revati.engines import ENGINES
+    from revati.hardware import gpu as gpu_spec
+    from revati.models import load_config
+    from revati.workloads import parse_workload
+
+    if engine not in ENGINES:
+        raise BadInput(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    if host_time not in ("wall", "deterministic"):
+        raise BadInput(f"--host-time must be 'wall' or 'deterministic', not {host_time!r}")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise BadInput(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
+    try:
+        spec = gpu_spec(gpu_name)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    try:
+        model_config = load_config(model)
+    except (ValueError, OSError) as e:
+        raise BadInput(str(e)) from None
+    try:
+        work = parse_workload(workload_spec)
+    except (ValueError, OSError) as e:
+        raise BadInput(str(e)) from None
+    cost = _cost_model(profile, spec)
+    if out is None:
+        out = Path("runs") / f"emu-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and any(out.iterdir()):
+        raise BadInput(f"--out {out} already holds files; choose an empty or new directory")
+    return dict(
+        engine=engine, model=model, spec=spec, model_config=model_config, workload=work, cost=cost,
+        host_time=host_time, out=out, dtype=dtype, profile=profile,
+    )  # fmt: skip
+
+
+def _cost_model(profile: Path | None, spec):
+    from revati.cost import Roofline
+
+    if profile is None:
+        return Roofline(spec)
+    if not profile.exists():
+        raise BadInput(f"--profile {profile}: no such file")
+    try:
+        import pyarrow.parquet as pq
+
+        columns = set(pq.read_schema(profile).names)
+    except Exception as e:  # pyarrow raises several types for a non-Parquet file
+        raise BadInput(
+            f"--profile {profile}: not a readable Parquet profile ({type(e).__name__}: {e})"
+        ) from None
+    missing = {"key", "form", "features", "coefficients"} - columns
+    if missing:
+        raise BadInput(
+            f"--profile {profile}: not a Revati profile (missing columns: {', '.join(sorted(missing))})"
+        )
+    raise BadInput(
+        f"--profile {profile}: fitted profiles are not supported by this build yet; omit --profile"
+    )
+
+
+def _run_emulation(plan: dict, keep_ops: bool, as_json: bool) -> None:
+    import torch
+
+    from replayer.run import EmulationConfig, emulate
+
+    config = EmulationConfig(
+        engine=plan["engine"],
+        model=plan["model"],
+        gpu=plan["spec"].key,
+        host_time=plan["host_time"],
+        dtype=plan["dtype"],
+        profile=str(plan["profile"]) if plan["profile"] else None,
+        keep_ops=keep_ops,
+    )
+    work = plan["workload"]
+    progress = Progress(
+        TextColumn("[bold]emulating[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("requests · virtual {task.fields[vt]:.1f} s"),
+        console=err_console,
+        auto_refresh=False,  # refreshed per finished request: no timer thread under the time warp
+        transient=as_json,
+    )
+    task = progress.add_task(
+        f"{plan['engine']} · {plan['model']} · {plan['spec'].key}", total=len(work), vt=0.0
+    )
+
+    def on_result(r) -> None:
+        progress.update(task, advance=1, vt=r.completion)
+        progress.refresh()
+
+    if not as_json:
+        err_console.print(
+            f"[dim]{work.describe()} · cost: {plan['cost'].describe()} · host time: {plan['host_time']}[/]",
+            highlight=False,
+        )
+    try:
+        with progress:
+            progress.refresh()
+            result = emulate(
+                config,
+                work,
+                plan["spec"],
+                plan["cost"],
+                plan["model_config"],
+                out=plan["out"],
+                on_result=on_result,
+            )
+    except torch.cuda.OutOfMemoryError as e:
+        _fail(
+            f"out of memory on the virtual {plan['spec'].name}: {plan['model']} does not fit "
+            f"({str(e).splitlines()[0]})",
+            _RUN_FAILED,
+        )
+    figures = _figures(result, plan)
+    if as_json:
+        out_console.print_json(json.dumps(figures))
+    else:
+        _print_table(figures, plan)
+
+
+def _figures(result, plan) -> dict:
+    m = result.metrics
+    figures = {
+        "engine": plan["engine"],
+        "model": plan["model"],
+        "gpu": plan["spec"].key,
+        "host_time": plan["host_time"],
+        "cost_model": result.cost_model,
+        "requests": m.requests,
+    }
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        stats = getattr(m, name)
+        for p in ("p50", "p90", "p99"):
+            figures[f"{name}_{p}_ms"] = _finite(getattr(stats, p) * 1000)
+    figures.update(
+        throughput_tok_s=_finite(m.throughput_tok_s),
+        throughput_req_s=_finite(m.throughput_req_s),
+        virtual_seconds=result.virtual_seconds,
+        wall_seconds=result.wall_seconds,
+        time_warp=result.warp,
+        peak_memory_gib=result.peak_memory / 2**30,
+        weights_memory_gib=result.weights_memory / 2**30,
+        synthesized_values=sum(result.synthesized.values()),
+        synthesized=result.synthesized,
+        ops=result.ops,
+        op_signatures=result.op_signatures,
+        trace=str(result.trace_dir) if result.trace_dir else None,
+    )
+    return figures
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or math.isnan(x) or math.isinf(x) else x
+
+
+def _print_table(f: dict, plan) -> None:
+    table = Table(
+        title=f"{f['engine']} · {f['model']} on a virtual {plan['spec'].name}", title_justify="left"
+    )
+    table.add_column("metric")
+    for p in ("p50", "p90", "p99"):
+        table.add_column(p, justify="right")
+    for name, label in (
+        ("ttft", "TTFT (ms)"),
+        ("tpot", "TPOT (ms)"),
+        ("itl", "ITL (ms)"),
+        ("e2e", "E2E (ms)"),
+    ):
+        table.add_row(label, *(_fmt(f[f"{name}_{p}_ms"]) for p in ("p50", "p90", "p99")))
+    out_console.print(table)
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = [
+        ("requests", f"{f['requests']}"),
+        ("throughput", f"{_fmt(f['throughput_tok_s'])} tok/s · {_fmt(f['throughput_req_s'], 2)} req/s"),
+        ("virtual time", f"{f['virtual_seconds']:.2f} s"),
+        ("wall time", f"{f['wall_seconds']:.2f} s"),
+        ("time warp", f"{f['time_warp']:.2f}× (virtual s per wall s)"),
+        (
+            "peak virtual memory",
+            f"{f['peak_memory_gib']:.2f} GiB (weights {f['weights_memory_gib']:.2f} GiB)",
+        ),
+        ("synthesized values", f"{f['synthesized_values']} {_synth(f['synthesized'])}"),
+        ("ops", f"{f['ops']:,} ({f['op_signatures']:,} distinct signatures)"),
+        ("cost model", f["cost_model"]),
+        ("trace", f["trace"] or "-"),
+    ]
+    for k, v in rows:
+        summary.add_row(k, v)
+    out_console.print(summary)
+
+
+def _synth(d: dict) -> str:
+    return "(" + ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) + ")" if d else ""
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _emulate_script(argv: list[str], gpu_name: str, host_time: str) -> None:
+    from replayer.run import emulate_script
+    from revati.cost import Roofline
+    from revati.hardware import gpu as gpu_spec
+
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    try:
+        spec = gpu_spec(gpu_name)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    try:
+        code, emu = emulate_script(argv, spec, Roofline(spec), host_time)
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(str(e)) from None
+    err_console.print(
+        f"[dim]revati: virtual {spec.name}: {emu.clock.now:.4f} s of virtual time, "
+        f"{emu.dispatcher.ops:,} ops, peak {emu.allocator.peak / 2**30:.2f} GiB[/]",
+        highlight=False,
+    )
+    sys.exit(code)
