@@ -30,6 +30,13 @@ _POLL = 0.01
 
 _real_monotonic = time.monotonic
 _real_perf_counter = time.perf_counter
+# The clock's own condition must not go through the time warp's patched wait / notify.
+_real_wait = threading.Condition.wait
+_real_notify = threading.Condition.notify
+
+
+def _notify_all(cv: threading.Condition) -> None:
+    _real_notify(cv, len(cv._waiters))
 
 
 @dataclass(eq=False)
@@ -65,11 +72,13 @@ class Clock:
         self.jumps = 0
         self.jumped = 0.0  # virtual seconds skipped while everyone waited
         self.stalls = 0  # hand-offs or jumps that needed the real-time grace
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._threads: dict[int, _Thread] = {}
         self._heap: list[_Sleeper] = []
         self._seq = itertools.count()
         self._exempt: set[int] = set()
+        self._starting = 0  # threads being started: not registered yet, but about to run
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -83,11 +92,35 @@ class Clock:
     def _me(self) -> _Thread:
         ident = threading.get_ident()
         st = self._threads.get(ident)
-        if st is None:
-            st = _Thread(threading.current_thread(), last_contact=_real_monotonic())
-            st.last_exit = st.last_contact
-            self._threads[ident] = st
+        # The OS reuses the idents of finished threads: an entry for a dead thread is not ours.
+        if st is None or st.thread is not threading.current_thread():
+            st = self._register(threading.current_thread(), ident)
         return st
+
+    def _register(self, thread: threading.Thread, ident: int) -> _Thread:
+        st = _Thread(thread, last_contact=_real_monotonic())
+        st.last_exit = st.last_contact
+        self._threads[ident] = st
+        return st
+
+    def start_thread(self, thread: threading.Thread, real_start) -> None:
+        """Start `thread` (with the real `Thread.start`) so that time cannot jump before it is known.
+
+        The starter waits for the new thread in a virtual wait, and the new thread meets the clock only
+        when it first reads or waits: without this, time could run ahead while it is being born.
+        """
+        with self._cv:
+            self._starting += 1
+        try:
+            real_start(thread)
+        finally:
+            with self._cv:
+                self._starting -= 1
+                ident = thread.ident
+                if ident is not None and thread.is_alive():
+                    st = self._threads.get(ident)
+                    if st is None or st.thread is not thread:
+                        self._register(thread, ident)
 
     def current_stream(self) -> int:
         return self._me().stream
@@ -147,7 +180,7 @@ class Clock:
 
     def _await_block(self, other: _Thread) -> None:
         while not other.blocked and other.thread.is_alive():
-            self._cv.wait(_POLL)
+            _real_wait(self._cv, _POLL)
             if not other.blocked and _real_monotonic() - other.last_contact > _GRACE:
                 self.stalls += 1
                 return
@@ -156,8 +189,8 @@ class Clock:
 
     def launch(self, duration: float, host_cost: float) -> tuple[float, float, int]:
         """Issue `duration` of device work on the calling thread's stream; returns (host, start, stream)."""
-        with self._cv:
-            me = self._me()
+        with self._lock:
+            me = self._threads.get(threading.get_ident()) or self._me()
             me.actor = True
             host = self.now
             stream = me.stream
@@ -172,7 +205,11 @@ class Clock:
                 if duration > 0:
                     self.streams[stream] = start + duration
             if host_cost > 0:
-                self._advance_locked(host + host_cost, me)
+                target = host + host_cost
+                if self._heap and self._heap[0].deadline <= target:
+                    self._advance_locked(target, me)
+                else:
+                    self.now = target
             return host, start, stream
 
     def begin_capture(self, graph) -> None:
@@ -225,7 +262,7 @@ class Clock:
             if deadline is not None:
                 sleeper = _Sleeper(deadline, next(self._seq), me)
                 heapq.heappush(self._heap, sleeper)
-            self._cv.notify_all()  # a handing-off actor may be waiting for us to block
+            _notify_all(self._cv)  # a handing-off actor may be waiting for us to block
             self._maybe_jump()
         lock = me.wake
         while True:
@@ -266,6 +303,8 @@ class Clock:
 
     def _maybe_jump(self) -> None:
         """With the lock held: if nobody can make progress, jump to the earliest deadline."""
+        if self._starting:
+            return
         now_real = _real_monotonic()
         stalled = False
         for st in list(self._threads.values()):
@@ -287,7 +326,7 @@ class Clock:
             self.now = s.deadline
         self.stalls += stalled
         self._wake(s.state, timed_out=True)
-        self._cv.notify_all()
+        _notify_all(self._cv)
 
 
 def _held_lock() -> threading.Lock:

@@ -15,7 +15,7 @@ import torch
 from torch._ops import OpOverload
 
 from replayer.memory import Storage
-from replayer.tensor import VTensor, make, meta_of, value_allowed
+from replayer.tensor import _INTEGRAL, Meta, VTensor, _wrap, make, meta_of, value_allowed
 from revati.op_features import launches_kernel, op_dtype, op_features
 
 if TYPE_CHECKING:
@@ -47,10 +47,12 @@ class Signature:
     launches: bool
     duration: float
     host: float
-    outs: list  # per output: None | ("self", arg) | ("view", arg, meta) | ("new", meta)
+    outs: list  # per output: None | ("self", arg) | ("view", arg, Meta) | ("new", Meta) | ("const", value)
     kind: type | None  # None: a single tensor; tuple / list: a sequence of outputs
     mutated: tuple  # argument references written by the op
+    names: list  # the schema's argument names, to find arguments by reference
     value_ok: bool  # every output is small enough to keep a value
+    fast: Meta | None  # the one new output of a plain op that keeps no value: the hot path
     input_shapes: list = field(default_factory=list)
     input_dtypes: list = field(default_factory=list)
     scalars: str | None = None
@@ -86,18 +88,22 @@ def _arg(ref, args, kwargs, names):
 
 
 def _describe(x, parts, tensors):
-    if isinstance(x, _Tensor):
+    """Append x's part of a cache key: a tensor's interned metadata, a list's items, a scalar itself."""
+    if type(x) is VTensor:
         tensors.append(x)
-        parts.append((x.dtype, x.shape, x.stride(), x.storage_offset()))
+        parts.append(x._d)
+    elif isinstance(x, _Tensor):
+        tensors.append(x)
+        parts.append((x.dtype, x.shape, x.stride(), x.storage_offset(), x.device.type))
     elif isinstance(x, (list, tuple)):
-        if x and isinstance(x[0], _Tensor) or any(isinstance(e, _Tensor) for e in x):
-            parts.append(len(x))
-            for e in x:
-                _describe(e, parts, tensors)
-        else:
-            parts.append(tuple(x))
+        parts.append(len(x))
+        for e in x:
+            _describe(e, parts, tensors)
     else:
         parts.append(x)
+
+
+_PLAIN = (int, float, bool, type(None), str, torch.dtype)
 
 
 class Dispatcher:
@@ -105,6 +111,8 @@ class Dispatcher:
 
     def __init__(self, emu: Emulator):
         self.emu = emu
+        self.device = emu.device
+        self.allocator = emu.allocator
         self.cache: dict[tuple, Signature] = {}
         self.signatures: list[Signature] = []
         self._schemas: dict[OpOverload, tuple] = {}
@@ -114,18 +122,24 @@ class Dispatcher:
 
     # -- entry points ----------------------------------------------------------------------------
 
-    def dispatch(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    def dispatch(self, func: OpOverload, args: tuple, kwargs: dict | None) -> Any:
         special = _SPECIAL.get(func)
         if special is not None:
-            return special(self, func, args, kwargs)
-        return self.run(func, args, kwargs)
+            return special(self, func, args, kwargs or {})
+        return self.run(func, args, kwargs or {})
 
     def run(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
         """The generic path: cached signature, outputs, clock."""
         parts: list = [func]
         tensors: list = []
         for a in args:
-            _describe(a, parts, tensors)
+            if type(a) is VTensor:
+                tensors.append(a)
+                parts.append(a._d)
+            elif type(a) in _PLAIN:
+                parts.append(a)
+            else:
+                _describe(a, parts, tensors)
         if kwargs:
             for k, v in kwargs.items():
                 parts.append(k)
@@ -138,7 +152,14 @@ class Dispatcher:
                 return self._dynamic(func, args, kwargs, tensors)
             self.cache[key] = sig
         self.ops += 1
-        out = self._outputs(sig, func, args, kwargs, tensors)
+        meta = sig.fast
+        if meta is not None:
+            out = _wrap(VTensor, meta.shape, strides=meta.stride, storage_offset=meta.offset, dtype=meta.dtype, device=self.device)
+            out._d = meta
+            out._vstorage = Storage(meta.nbytes, self.allocator, None)
+            out._value = None
+        else:
+            out = self._outputs(sig, func, args, kwargs, tensors)
         self.emu.account(sig)
         return out
 
@@ -146,9 +167,9 @@ class Dispatcher:
         """A CUDA-key call with no virtual tensor in it: a factory (`torch.empty(..., device="cuda")`)."""
         kwargs = dict(kwargs)
         device = kwargs.get("device")
-        device = torch.device(device) if device is not None else self.emu.device
+        device = torch.device(device) if device is not None else self.device
         if device.index is None:
-            device = torch.device("cuda", self.emu.device.index or 0)
+            device = torch.device("cuda", self.device.index or 0)
         kwargs["device"] = _META
         meta = func(*args, **kwargs)
         if not isinstance(meta, _Tensor):
@@ -156,13 +177,15 @@ class Dispatcher:
         value = None
         if value_allowed(meta.dtype, meta.numel()):
             if func in (aten.empty.memory_format, aten.empty_strided.default):
-                value = torch.zeros(meta.shape, dtype=meta.dtype).as_strided(meta.shape, meta.stride())
+                # Uninitialised memory: integer buffers (token ids, positions, block tables) start as zeros so
+                # later partial writes keep them known; float contents stay unknown.
+                if meta.dtype in _INTEGRAL:
+                    value = torch.zeros(meta.shape, dtype=meta.dtype).as_strided(meta.shape, meta.stride())
             else:
                 kwargs["device"] = _CPU
                 value = func(*args, **kwargs)
-        nbytes = meta.untyped_storage().nbytes()
-        storage = Storage(nbytes, self.emu.allocator, True if value is not None else None)
-        return make(meta.shape, meta.stride(), meta.storage_offset(), meta.dtype, device, storage, value)
+        m = Meta.of_tensor(meta)
+        return make(m, device, Storage(m.nbytes, self.allocator, True if value is not None else None), value)
 
     # -- signatures ------------------------------------------------------------------------------
 
@@ -180,15 +203,15 @@ class Dispatcher:
             mkwargs["device"] = _META
         try:
             mout = func(*margs, **mkwargs)
-        except (
-            torch._subclasses.fake_tensor.DynamicOutputShapeException,
-            RuntimeError,
-            NotImplementedError,
-        ) as e:
+        except (torch._subclasses.fake_tensor.DynamicOutputShapeException, RuntimeError, NotImplementedError) as e:
             if _data_dependent(e):
                 return None
             raise
         refs, written, names = self._schema(func)
+        if torch.Tag.inplace_view in func.tags:
+            raise NotImplementedError(
+                f"revati: {func} changes a virtual tensor's shape in place; not emulated (use the out-of-place op)"
+            )
         kind = None if isinstance(mout, _Tensor) or mout is None else type(mout)
         mouts = [mout] if kind is None else list(mout)
         outs = []
@@ -197,7 +220,7 @@ class Dispatcher:
             if m is None:
                 outs.append(None)
             elif not isinstance(m, _Tensor):
-                raise NotImplementedError(f"revati: op {func} returns {type(m).__name__}; not emulated")
+                outs.append(("const", m))  # a shape-derived scalar (flash attention's max lengths)
             elif ref is not None and ref[1]:
                 target = _arg(ref[0], args, kwargs, names)
                 if isinstance(target, _Tensor) and target.shape != m.shape:
@@ -207,17 +230,18 @@ class Dispatcher:
                     )
                 outs.append(("self", ref[0]))
             elif ref is not None:
-                outs.append(("view", ref[0], _meta_desc(m)))
+                outs.append(("view", ref[0], Meta.of_tensor(m)))
             else:
-                outs.append(("new", _meta_desc(m)))
+                outs.append(("new", Meta.of_tensor(m)))
         key, features = op_features(func, margs, mkwargs, mout)
         dtype = op_dtype(margs, mkwargs)
         launches = launches_kernel(func) and features.get("kernel", 1.0) != 0.0
         cost = self.emu.cost
         duration = cost.device_time(key, features, dtype) if launches else 0.0
         value_ok = all(
-            o is None or value_allowed(m.dtype, m.numel()) for o, m in zip(outs, mouts, strict=True)
+            o is None or o[0] == "const" or value_allowed(m.dtype, m.numel()) for o, m in zip(outs, mouts, strict=True)
         )
+        plain = kind is None and outs[0] is not None and outs[0][0] == "new" and not written
         sig = Signature(
             func=func,
             key=key,
@@ -229,7 +253,9 @@ class Dispatcher:
             outs=outs,
             kind=kind,
             mutated=written,
+            names=names,
             value_ok=value_ok,
+            fast=outs[0][1] if plain and not value_ok and func not in _TOKEN_OPS else None,
             input_shapes=[list(t.shape) for t in tensors],
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
             scalars=_scalars(args, kwargs),
@@ -242,7 +268,7 @@ class Dispatcher:
     # -- outputs ---------------------------------------------------------------------------------
 
     def _outputs(self, sig: Signature, func: OpOverload, args: tuple, kwargs: dict, tensors: list) -> Any:
-        _, _, names = self._schema(func)
+        names = sig.names
         overwrite = func in _OVERWRITES
         with_values = sig.value_ok
         if with_values:
@@ -272,6 +298,9 @@ class Dispatcher:
                 results.append(None)
                 continue
             tag = o[0]
+            if tag == "const":
+                results.append(o[1])
+                continue
             if tag == "self":
                 results.append(_arg(o[1], args, kwargs, names))
                 continue
@@ -280,22 +309,19 @@ class Dispatcher:
                 base = _arg(o[1], args, kwargs, names)
                 if isinstance(base, (list, tuple)):
                     base = base[0]
-                shape, stride, offset, dtype, _ = o[2]
-                storage = base._vstorage if type(base) is VTensor else self._new_storage(o[2], value)
-                results.append(make(shape, stride, offset, dtype, base.device, storage, value))
+                meta = o[2]
+                storage = base._vstorage if type(base) is VTensor else self._new_storage(meta, value)
+                results.append(make(meta, self.device, storage, value))
             else:
-                shape, stride, offset, dtype, _ = o[1]
-                results.append(
-                    make(shape, stride, offset, dtype, self.emu.device, self._new_storage(o[1], value), value)
-                )
+                results.append(make(o[1], self.device, self._new_storage(o[1], value), value))
         if reals is None and func in _TOKEN_OPS:
             self._synthesize_tokens(func, args, kwargs, results)
         if sig.kind is None:
             return results[0]
         return sig.kind(results)
 
-    def _new_storage(self, desc, value) -> Storage:
-        return Storage(desc[4], self.emu.allocator, True if value is not None else None)
+    def _new_storage(self, meta: Meta, value) -> Storage:
+        return Storage(meta.nbytes, self.allocator, True if value is not None else None)
 
     def _synthesize_tokens(self, func, args, kwargs, results) -> None:
         pos = _TOKEN_OPS[func]
@@ -343,13 +369,9 @@ class Dispatcher:
         return value
 
 
-def _meta_desc(m: torch.Tensor) -> tuple:
-    return (m.shape, m.stride(), m.storage_offset(), m.dtype, m.untyped_storage().nbytes())
-
-
 def _wrap_value(d: Dispatcher, r: torch.Tensor) -> VTensor:
-    storage = Storage(r.untyped_storage().nbytes(), d.emu.allocator, True)
-    return make(r.shape, r.stride(), r.storage_offset(), r.dtype, d.emu.device, storage, r)
+    meta = Meta.of_tensor(r)
+    return make(meta, d.device, Storage(meta.nbytes, d.allocator, True), r)
 
 
 def _map_tensors(x, fn):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from replayer import cuda as _cuda
-from replayer import native, timewarp
+from replayer import meta_kernels, native, tensor, timewarp
 from replayer.clock import Clock
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
@@ -120,6 +120,8 @@ class Emulator:
         _CURRENT = self
         native.load()
         _register_fallback()
+        meta_kernels.use_native(self._patch)
+        tensor.set_dispatch(self.dispatch if self.clock.wall else self.dispatcher.dispatch)
         _cuda.install(self, self._patch)
         _install_entry_points(self, self._patch)
         timewarp.install(self, self._patch)
@@ -128,6 +130,7 @@ class Emulator:
     def deactivate(self) -> None:
         global _CURRENT
         self.active = False
+        tensor.set_dispatch(None)
         self._patch.restore()
         _CURRENT = None
 
@@ -325,6 +328,33 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
         factory.__name__ = name
         return factory
 
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    aten = torch.ops.aten
+
+    def scaled_dot_product_attention(
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ):
+        # A CPU build decomposes this into bmm + softmax (the math path) whatever the device; call the fused
+        # kernel a CUDA build picks instead: flash without a mask in half precision, else efficient.
+        if type(query) is not VTensor:
+            return real_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa=enable_gqa)
+        heads, kv_heads = query.shape[-3], key.shape[-3]
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        if attn_mask is None and half and query.shape[-1] == value.shape[-1] <= 256:
+            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        if heads != kv_heads and enable_gqa:
+            key = key.repeat_interleave(heads // kv_heads, dim=-3)
+            value = value.repeat_interleave(heads // kv_heads, dim=-3)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                attn_mask.logical_not(), float("-inf")
+            )
+        out = aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, False, dropout_p, is_causal, scale=scale
+        )
+        return out[0]
+
+    patch.set(torch.nn.functional, "scaled_dot_product_attention", scaled_dot_product_attention)
     for name in (
         "arange",
         "range",

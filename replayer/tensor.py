@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # Shadow values are kept up to these sizes (elements): ints and bools drive control flow and are
 # cheap; floats rarely matter and cost real CPU time to compute.
 INT_VALUE_LIMIT = 1 << 20
-FLOAT_VALUE_LIMIT = 1 << 14
+FLOAT_VALUE_LIMIT = 1 << 12
 
 _INTEGRAL = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
 
@@ -31,6 +31,7 @@ def value_allowed(dtype: torch.dtype, numel: int) -> bool:
 class VTensor(torch.Tensor):
     """A tensor on the virtual CUDA device: metadata, a virtual storage, maybe a shadow value."""
 
+    _d: Meta  # interned metadata: the tensor's part of an op's cache key
     _vstorage: Storage
     _value: torch.Tensor | None
 
@@ -42,9 +43,7 @@ class VTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from replayer import session
-
-        return session.current().dispatch(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs)
 
     def __repr__(self, *, tensor_contents=None):
         value = self.value()
@@ -75,23 +74,53 @@ class VTensor(torch.Tensor):
     def data(self, new):
         torch._C.TensorBase.data.__set__(self, new)
         if isinstance(new, VTensor):
-            self._vstorage, self._value = new._vstorage, new._value
+            self._d, self._vstorage, self._value = new._d, new._vstorage, new._value
 
 
 _wrap = torch.Tensor._make_wrapper_subclass
 
 
-def make(
-    shape,
-    stride,
-    offset: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    storage: Storage,
-    value: torch.Tensor | None,
-) -> VTensor:
-    """A VTensor over `storage` with the given metadata and shadow value."""
-    t = _wrap(VTensor, shape, strides=stride, storage_offset=offset, dtype=dtype, device=device)
+def _no_emulator(func, args, kwargs):
+    raise RuntimeError(f"revati: {func} on a virtual CUDA tensor, but no emulator is active (it was deactivated)")
+
+
+# Set by the active emulator: where every op on a virtual tensor goes.
+_dispatch = _no_emulator
+
+
+def set_dispatch(fn) -> None:
+    global _dispatch
+    _dispatch = fn if fn is not None else _no_emulator
+
+
+class Meta:
+    """Interned tensor metadata: one object per (shape, stride, offset, dtype), so cache keys hash by identity."""
+
+    __slots__ = ("shape", "stride", "offset", "dtype", "nbytes", "numel")
+
+    _interned: dict[tuple, Meta] = {}
+
+    def __init__(self, shape, stride, offset, dtype, nbytes):
+        self.shape, self.stride, self.offset, self.dtype, self.nbytes = shape, stride, offset, dtype, nbytes
+        self.numel = torch.Size(shape).numel()
+
+    @classmethod
+    def of(cls, shape, stride, offset: int, dtype: torch.dtype, nbytes: int) -> Meta:
+        key = (tuple(shape), tuple(stride), offset, dtype, nbytes)
+        m = cls._interned.get(key)
+        if m is None:
+            m = cls._interned[key] = cls(torch.Size(shape), tuple(stride), offset, dtype, nbytes)
+        return m
+
+    @classmethod
+    def of_tensor(cls, t: torch.Tensor) -> Meta:
+        return cls.of(t.shape, t.stride(), t.storage_offset(), t.dtype, t.untyped_storage().nbytes())
+
+
+def make(meta: Meta, device: torch.device, storage: Storage, value: torch.Tensor | None) -> VTensor:
+    """A VTensor with `meta`'s metadata over `storage`, with a shadow value or None."""
+    t = _wrap(VTensor, meta.shape, strides=meta.stride, storage_offset=meta.offset, dtype=meta.dtype, device=device)
+    t._d = meta
     t._vstorage = storage
     t._value = value
     return t

@@ -26,6 +26,7 @@ _real = {
 _real_wait = threading.Condition.wait
 _real_join = threading.Thread.join
 _real_notify = threading.Condition.notify
+_real_start = threading.Thread.start
 
 
 def install(emu: Emulator, patch: Patcher) -> None:
@@ -112,12 +113,18 @@ def install(emu: Emulator, patch: Patcher) -> None:
         if not self.is_alive():
             _real_join(self)
 
+    def start(self):
+        if clock.is_exempt() or not emu.active:
+            return _real_start(self)
+        clock.start_thread(self, _real_start)
+
     for name in ("time", "perf_counter", "monotonic"):
         patch.set(time, name, reader(name))
         patch.set(time, name + "_ns", reader_ns(name))
     patch.set(time, "sleep", sleep)
     patch.set(threading.Condition, "wait", wait)
     patch.set(threading.Condition, "notify", notify)
+    patch.set(threading.Thread, "start", start)
     patch.set(threading.Thread, "join", join)
     patch.set(threading, "_time", time.monotonic)
     patch.set(queue, "time", time.monotonic)
