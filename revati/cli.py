@@ -1,7 +1,7 @@
 """The `revati` command.
 
 revati emulate                                   # the embedded default: hf-cb, Llama-3.1-8B, virtual H100
-revati emulate --model llama-3.1-70b --gpu h200 --workload "poisson:rate=1,n=20,prompt=fixed(512),output=fixed(64)"
+    revati emulate --model llama-3.1-70b --workload "poisson:rate=1,n=20,prompt=fixed(512),output=fixed(8)"
 revati emulate -- python bench.py --batch 8      # any script, with CUDA virtualized
 """
 

@@ -1,0 +1,145 @@
+"""Engine adapters on CPU with a tiny random Llama: every token timed, arrivals honoured, steps observed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from revati.engines import ENGINES, engine_options, run_engine
+from revati.engines.prompts import prompt_ids
+from revati.workloads import Request
+
+# Small cache settings keep the paged cache and its sdpa mask tiny.
+CB_OPTIONS = {"page_size": 16, "num_blocks": 64, "max_batch_tokens": 128}
+OPTIONS = {"hf-generate": {"batch_size": 4}, "hf-cb": CB_OPTIONS, "hf-serve": CB_OPTIONS}
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+class Steps:
+    """An observer that records each step and checks starts and ends alternate."""
+
+    def __init__(self):
+        self.steps: list[tuple[str, int, int, int]] = []
+        self.open = False
+
+    def iteration_start(self, phase, batch_size, tokens, kv_tokens):
+        assert not self.open, "iteration_start twice without iteration_end"
+        self.open = True
+        self.steps.append((phase, batch_size, tokens, kv_tokens))
+
+    def iteration_end(self):
+        assert self.open, "iteration_end without iteration_start"
+        self.open = False
+
+
+def staggered_requests() -> list[Request]:
+    return [Request(f"r{i}", 0.01 * i, 4 + 3 * i, 2 + i) for i in range(6)]
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_every_request_gets_all_its_tokens_after_it_arrives(model, engine):
+    requests = staggered_requests()
+    completed, steps = [], Steps()
+    results = run_engine(
+        engine, model, requests, observer=steps, on_result=completed.append, **OPTIONS[engine]
+    )
+
+    assert [r.request_id for r in results] == [r.request_id for r in requests]
+    assert sorted(r.request_id for r in completed) == sorted(r.request_id for r in requests)
+    for request, result in zip(requests, results, strict=True):
+        assert (result.arrival, result.prompt_tokens, result.output_tokens) == (
+            request.arrival,
+            request.prompt_tokens,
+            request.output_tokens,
+        )
+        assert len(result.token_times) == request.output_tokens
+        assert result.token_times == sorted(result.token_times)
+        assert result.token_times[0] > request.arrival  # TTFT > 0
+    assert not steps.open
+    phases = {phase for phase, *_ in steps.steps}
+    assert "prefill" in phases and "decode" in phases
+    for phase, batch_size, tokens, kv_tokens in steps.steps:
+        assert 1 <= batch_size <= len(requests)
+        assert kv_tokens >= tokens >= batch_size
+        if phase == "decode":
+            assert tokens == batch_size  # one new token per sequence
+
+
+@pytest.mark.parametrize("engine", ["hf-cb", "hf-serve"])
+def test_continuous_batching_computes_each_token_once(model, engine):
+    # every prompt token is prefilled once and every output token but the last is fed back once
+    requests = staggered_requests()
+    steps = Steps()
+    run_engine(engine, model, requests, observer=steps, **OPTIONS[engine])
+    expected = sum(r.prompt_tokens + r.output_tokens - 1 for r in requests)
+    assert sum(tokens for _, _, tokens, _ in steps.steps) == expected
+
+
+def test_generate_runs_static_batches_of_arrived_requests(model):
+    # three requests at once, batch_size 2: a batch of the first two, then the third alone
+    requests = [Request("a", 0.0, 5, 4), Request("b", 0.0, 3, 2), Request("c", 0.0, 6, 3)]
+    steps = Steps()
+    a, b, c = run_engine("hf-generate", model, requests, observer=steps, batch_size=2)
+
+    assert steps.steps == [
+        ("prefill", 2, 2 * 5, 2 * 5),  # left-padded to the longest prompt
+        *[("decode", 2, 2, 2 * (5 + i)) for i in range(1, 4)],  # runs to its longest request
+        ("prefill", 1, 6, 6),
+        *[("decode", 1, 1, 6 + i) for i in range(1, 3)],
+    ]
+    assert b.token_times == a.token_times[:2]  # rows of a batch share its steps
+    assert c.token_times[0] > a.token_times[-1]
+
+
+def test_generate_queues_a_request_arriving_during_a_batch(model):
+    requests = [Request("long", 0.0, 8, 40), Request("late", 0.01, 8, 3)]
+    steps = Steps()
+    long, late = run_engine("hf-generate", model, requests, observer=steps, batch_size=8)
+
+    assert late.token_times[0] > long.token_times[-1]  # waited for the running batch to finish
+    assert {batch_size for _, batch_size, _, _ in steps.steps} == {1}
+
+
+def test_cb_adds_a_late_request_to_the_running_batch(model):
+    requests = [Request("long", 0.0, 8, 60), Request("late", 0.02, 8, 3)]
+    steps = Steps()
+    long, late = run_engine("hf-cb", model, requests, observer=steps, **CB_OPTIONS)
+
+    assert long.token_times[0] < late.arrival < late.token_times[0] < long.token_times[-1]
+    assert ("mixed", 2, 1 + 8) in [step[:3] for step in steps.steps]  # its prefill joined a decode of 'long'
+
+
+def test_unknown_engine_and_option_are_named():
+    with pytest.raises(ValueError, match="engines: hf-generate, hf-cb, hf-serve"):
+        run_engine("vllm", None, [Request("r", 0.0, 1, 1)])
+    with pytest.raises(ValueError, match="no option 'batch_sise'.*batch_size"):
+        run_engine("hf-generate", None, [Request("r", 0.0, 1, 1)], batch_sise=4)
+
+
+def test_engine_options_list_defaults():
+    assert engine_options("hf-generate") == {"batch_size": 8, "do_sample": False}
+    assert engine_options("hf-cb")["attn_implementation"] == "sdpa"
+
+
+def test_prompt_ids_are_deterministic_and_avoid_special_tokens(model):
+    request = Request("r7", 0.0, 300, 1)
+    ids = prompt_ids(request, model.config)
+    assert ids == prompt_ids(request, model.config)
+    assert ids != prompt_ids(Request("r8", 0.0, 300, 1), model.config)
+    assert len(ids) == 300 and all(0 <= i < 512 for i in ids)
+    assert {model.config.bos_token_id, model.config.eos_token_id}.isdisjoint(ids)
