@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m replayer.native  # builds the CUDA device guard for a CPU-only torch (install time, ~2 s)
 	touch $(STAMP)
 
 emulate: $(STAMP)  ## the main job on the embedded default (hf-cb, Llama-3.1-8B, virtual H100)

@@ -17,6 +17,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 # Real time (s) a silent observer may keep the clock from jumping, and a handing-off actor waits
@@ -72,6 +73,7 @@ class Clock:
         self.jumps = 0
         self.jumped = 0.0  # virtual seconds skipped while everyone waited
         self.stalls = 0  # hand-offs or jumps that needed the real-time grace
+        self.stalled_threads: Counter[str] = Counter()  # who was silent at those jumps
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._threads: dict[int, _Thread] = {}
@@ -192,6 +194,7 @@ class Clock:
         with self._lock:
             me = self._threads.get(threading.get_ident()) or self._me()
             me.actor = True
+            me.last_contact = _real_monotonic()  # a launching actor is busy, not stalled (_ACTOR_GRACE)
             host = self.now
             stream = me.stream
             graph = me.capture
@@ -254,6 +257,10 @@ class Clock:
         """
         with self._cv:
             me = self._me()
+            # A notifier may have released `wake` before we got here (it could not see us waiting yet):
+            # then we are not blocked at all, and time must not jump on our account.
+            if wake is not None and wake.acquire(False):
+                return True
             if deadline is not None and deadline <= self.now:
                 return False
             me.blocked, me.deadline, me.timed_out = True, deadline, False
@@ -306,7 +313,7 @@ class Clock:
         if self._starting:
             return
         now_real = _real_monotonic()
-        stalled = False
+        stalled: list[str] = []
         for st in list(self._threads.values()):
             if not st.thread.is_alive():
                 continue
@@ -314,7 +321,7 @@ class Clock:
                 continue
             if now_real - st.last_contact < (_ACTOR_GRACE if st.actor else _GRACE):
                 return
-            stalled = True
+            stalled.append(st.thread.name)
         while self._heap and self._heap[0].cancelled:
             heapq.heappop(self._heap)
         if not self._heap:
@@ -324,7 +331,9 @@ class Clock:
             self.jumps += 1
             self.jumped += s.deadline - self.now
             self.now = s.deadline
-        self.stalls += stalled
+        if stalled:
+            self.stalls += 1
+            self.stalled_threads.update(stalled)
         self._wake(s.state, timed_out=True)
         _notify_all(self._cv)
 

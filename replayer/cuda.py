@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from replayer.session import Emulator, Patcher
 
 _stream_ids = itertools.count(1)
+_pool_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -312,8 +313,26 @@ def install(emu: Emulator, patch: Patcher) -> None:
     def is_current_stream_capturing():
         return emu.clock.capturing() is not None
 
-    def make_graph(keep_graph=False):
-        return Graph(emu, keep_graph)
+    class CUDAGraph(Graph):  # a class, not a factory: engines annotate with it and check isinstance
+        def __init__(self, keep_graph=False):
+            super().__init__(emu, keep_graph)
+
+    class MemPool:
+        """A private memory pool (CUDA graphs share one): the virtual allocator counts bytes, not pools."""
+
+        def __init__(self, allocator=None, use_on_oom=False, **kwargs):
+            self.id = (0, next(_pool_ids))
+            self.allocator = allocator
+
+        def use_count(self):
+            return 1
+
+        def snapshot(self):
+            return []
+
+    @contextlib.contextmanager
+    def use_mem_pool(pool, device=None):
+        yield
 
     def graph_pool_handle():
         return (0, 0)
@@ -397,7 +416,9 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(cuda, "is_bf16_supported", is_bf16_supported)
     patch.set(cuda, "get_arch_list", get_arch_list)
     patch.set(cuda, "is_current_stream_capturing", is_current_stream_capturing)
-    patch.set(cuda, "CUDAGraph", make_graph)
+    patch.set(cuda, "CUDAGraph", CUDAGraph)
+    patch.set(cuda, "MemPool", MemPool)
+    patch.set(cuda, "use_mem_pool", use_mem_pool)
     patch.set(cuda, "graph", graph)
     patch.set(cuda, "graph_pool_handle", graph_pool_handle)
     patch.set(cuda, "device", device)

@@ -154,7 +154,14 @@ class Dispatcher:
         self.ops += 1
         meta = sig.fast
         if meta is not None:
-            out = _wrap(VTensor, meta.shape, strides=meta.stride, storage_offset=meta.offset, dtype=meta.dtype, device=self.device)
+            out = _wrap(
+                VTensor,
+                meta.shape,
+                strides=meta.stride,
+                storage_offset=meta.offset,
+                dtype=meta.dtype,
+                device=self.device,
+            )
             out._d = meta
             out._vstorage = Storage(meta.nbytes, self.allocator, None)
             out._value = None
@@ -203,14 +210,18 @@ class Dispatcher:
             mkwargs["device"] = _META
         try:
             mout = func(*margs, **mkwargs)
-        except (torch._subclasses.fake_tensor.DynamicOutputShapeException, RuntimeError, NotImplementedError) as e:
+        except (
+            torch._subclasses.fake_tensor.DynamicOutputShapeException,
+            RuntimeError,
+            NotImplementedError,
+        ) as e:
             if _data_dependent(e):
                 return None
             raise
         refs, written, names = self._schema(func)
         if torch.Tag.inplace_view in func.tags:
             raise NotImplementedError(
-                f"revati: {func} changes a virtual tensor's shape in place; not emulated (use the out-of-place op)"
+                f"revati: {func} changes a virtual tensor's shape in place; not emulated"
             )
         kind = None if isinstance(mout, _Tensor) or mout is None else type(mout)
         mouts = [mout] if kind is None else list(mout)
@@ -239,7 +250,8 @@ class Dispatcher:
         cost = self.emu.cost
         duration = cost.device_time(key, features, dtype) if launches else 0.0
         value_ok = all(
-            o is None or o[0] == "const" or value_allowed(m.dtype, m.numel()) for o, m in zip(outs, mouts, strict=True)
+            o is None or o[0] == "const" or value_allowed(m.dtype, m.numel())
+            for o, m in zip(outs, mouts, strict=True)
         )
         plain = kind is None and outs[0] is not None and outs[0][0] == "new" and not written
         sig = Signature(

@@ -95,7 +95,7 @@ def emulate(
     on_result: Callable[[RequestResult], None] | None = None,
     on_model: Callable[[int], None] | None = None,
 ) -> EmulationResult:
-    """Serve `workload` with `config.engine` on a virtual `spec` GPU priced by `cost`; write a trace to `out`."""
+    """Serve `workload` with `config.engine` on a virtual `spec` GPU priced by `cost`; trace to `out`."""
     from revati.engines import run_engine
     from revati.models import build_model
 
@@ -203,7 +203,7 @@ def _utc(ts: float):
 
 
 def emulate_script(argv: list[str], spec: GpuSpec, cost: CostModel, host_time: str) -> tuple[int, Emulator]:
-    """Run a Python script (`python script.py args` or `script.py args`) under emulation, like `coverage run`."""
+    """Run a script (`python script.py args` or `script.py args`) under emulation, like `coverage run`."""
     if argv and Path(argv[0]).name.startswith("python"):
         argv = argv[1:]
     if not argv:

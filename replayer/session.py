@@ -341,7 +341,9 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
         heads, kv_heads = query.shape[-3], key.shape[-3]
         half = query.dtype in (torch.float16, torch.bfloat16)
         if attn_mask is None and half and query.shape[-1] == value.shape[-1] <= 256:
-            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
+            return aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, scale=scale
+            )[0]
         if heads != kv_heads and enable_gqa:
             key = key.repeat_interleave(heads // kv_heads, dim=-3)
             value = value.repeat_interleave(heads // kv_heads, dim=-3)

@@ -81,7 +81,9 @@ _wrap = torch.Tensor._make_wrapper_subclass
 
 
 def _no_emulator(func, args, kwargs):
-    raise RuntimeError(f"revati: {func} on a virtual CUDA tensor, but no emulator is active (it was deactivated)")
+    raise RuntimeError(
+        f"revati: {func} on a virtual CUDA tensor, but no emulator is active (it was deactivated)"
+    )
 
 
 # Set by the active emulator: where every op on a virtual tensor goes.
@@ -94,7 +96,7 @@ def set_dispatch(fn) -> None:
 
 
 class Meta:
-    """Interned tensor metadata: one object per (shape, stride, offset, dtype), so cache keys hash by identity."""
+    """Interned tensor metadata, one object per (shape, stride, offset, dtype): keys hash by identity."""
 
     __slots__ = ("shape", "stride", "offset", "dtype", "nbytes", "numel")
 
@@ -119,7 +121,9 @@ class Meta:
 
 def make(meta: Meta, device: torch.device, storage: Storage, value: torch.Tensor | None) -> VTensor:
     """A VTensor with `meta`'s metadata over `storage`, with a shadow value or None."""
-    t = _wrap(VTensor, meta.shape, strides=meta.stride, storage_offset=meta.offset, dtype=meta.dtype, device=device)
+    t = _wrap(
+        VTensor, meta.shape, strides=meta.stride, storage_offset=meta.offset, dtype=meta.dtype, device=device
+    )
     t._d = meta
     t._vstorage = storage
     t._value = value

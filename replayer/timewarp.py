@@ -3,7 +3,9 @@
 `time.time / perf_counter / monotonic` (and `_ns`) read the virtual host clock; `time.sleep`,
 condition waits (hence `threading.Event`, `queue.Queue`, futures) and an idle asyncio loop block in
 virtual time, so a server waiting for its next request costs no wall time. `threading` and `queue`
-bind `time.monotonic` at import; their bindings are patched too.
+bind `time.monotonic` at import; their bindings are patched too. Threads started while emulating are
+known to the clock before they first run; `Thread.join` and `queue.SimpleQueue` (thread pools) wait in
+virtual time.
 """
 
 from __future__ import annotations
@@ -128,6 +130,9 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(threading.Thread, "join", join)
     patch.set(threading, "_time", time.monotonic)
     patch.set(queue, "time", time.monotonic)
+    # The C SimpleQueue blocks where the clock cannot see (thread pools wait on one for work); the pure
+    # Python one waits on a condition, in virtual time. Queues made while emulating get it.
+    patch.set(queue, "SimpleQueue", queue._PySimpleQueue)
     old_policy = asyncio.get_event_loop_policy()
     patch.on_restore(lambda: asyncio.set_event_loop_policy(old_policy))
     asyncio.set_event_loop_policy(_VirtualPolicy(emu))

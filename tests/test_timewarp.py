@@ -1,0 +1,256 @@
+"""Time warp: sleeps, waits and event loops run on the virtual clock, in virtual-time order, for free."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from replayer.clock import _ACTOR_GRACE
+
+_real_perf_counter = time.perf_counter  # wall time, captured before any emulator patches `time`
+
+D = 1e-3  # seconds one aten::mm keeps its stream busy
+
+
+def _mm():
+    a = torch.empty(64, 64, device="cuda")
+    return a @ a
+
+
+def _run(*targets):
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
+
+
+def test_sleep_advances_virtual_time_exactly_and_costs_no_wall_time(emulate):
+    emu = emulate()
+    wall, t0 = _real_perf_counter(), time.monotonic()
+    time.sleep(100)
+    assert time.monotonic() - t0 == 100.0
+    assert emu.clock.now == 100.0
+    assert _real_perf_counter() - wall < 0.5
+
+
+def test_timed_waits_in_a_worker_time_out_in_virtual_time_while_main_sleeps(emulate):
+    emu = emulate()
+    seen = {}
+
+    def worker():
+        q, ev = queue.Queue(), threading.Event()
+        try:
+            q.get(timeout=5)
+        except queue.Empty:
+            seen["queue"] = time.monotonic() - t0
+        seen["event"] = ev.wait(timeout=3)
+        seen["event_at"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    wall = _real_perf_counter()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(10)
+    seen["main"] = time.monotonic() - t0
+    thread.join(timeout=10)
+    assert seen == {"queue": 5.0, "event": False, "event_at": 8.0, "main": 10.0}
+    assert emu.clock.jumps >= 3
+    assert _real_perf_counter() - wall < 1.0
+
+
+def test_a_consumer_sees_each_item_at_the_virtual_time_it_was_put(emulate):
+    emulate()
+    q: queue.Queue = queue.Queue()
+    seen = []
+    t0 = time.monotonic()
+
+    def producer():
+        for i in range(3):
+            time.sleep(1)
+            q.put(i)
+
+    def consumer():
+        for _ in range(3):
+            item = q.get()
+            seen.append((item, time.monotonic() - t0))
+
+    wall = _real_perf_counter()
+    _run(producer, consumer)
+    assert seen == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    assert _real_perf_counter() - wall < 1.0
+
+
+def test_an_event_set_by_another_thread_wakes_its_waiter_at_that_virtual_time(emulate):
+    emulate()
+    ev = threading.Event()
+    seen = []
+    t0 = time.monotonic()
+
+    def setter():
+        time.sleep(2.5)
+        ev.set()
+
+    def waiter():
+        seen.append(ev.wait(timeout=60))
+        seen.append(time.monotonic() - t0)
+
+    _run(setter, waiter)
+    assert seen == [True, 2.5]
+
+
+def test_asyncio_sleep_jumps_the_loop_clock(emulate):
+    emulate()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(50)
+        await asyncio.gather(asyncio.sleep(1), asyncio.sleep(2))
+        return loop.time() - start
+
+    wall = _real_perf_counter()
+    assert asyncio.run(main()) == 52.0
+    assert _real_perf_counter() - wall < 0.5
+
+
+@pytest.mark.parametrize("busy", ["device", "host"])
+def test_a_sleeper_wakes_at_its_deadline_while_an_actor_computes_past_it(emulate, busy):
+    """The worker's 3 s of work crosses the main thread's deadline: main wakes at 1.0, not at 3.0."""
+    emu = emulate(device={"aten::mm": 1.0}) if busy == "device" else emulate(host={"aten::mm": 0.5})
+    _mm()  # the main thread is an engine thread too (an actor)
+    torch.cuda.synchronize()
+    t0 = time.monotonic()
+    done = threading.Event()
+    seen = {}
+
+    def worker():
+        time.sleep(0.25)  # start computing after main has gone to sleep
+        for _ in range(3 if busy == "device" else 6):
+            _mm()
+        torch.cuda.synchronize()
+        seen["worker"] = time.monotonic() - t0
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(1.0)
+    seen["main"] = time.monotonic() - t0
+    assert done.wait(timeout=60)
+    thread.join(timeout=10)
+    assert seen == {"main": 1.0, "worker": 3.25}
+    assert emu.clock.stalls == 0
+
+
+def test_an_actor_that_keeps_launching_is_never_jumped_past(emulate):
+    """However long the engine computes in real time, a sleeper waits until the engine's clock gets there."""
+    emu = emulate(host={"aten::add": 1e-6})
+    x = torch.empty(64, 64, device="cuda") + 1
+    woke = []
+    t0, ops = time.monotonic(), 0
+    sleeper = threading.Thread(target=lambda: (time.sleep(1.0), woke.append(time.monotonic() - t0)))
+    sleeper.start()
+    wall = _real_perf_counter()
+    while _real_perf_counter() - wall < _ACTOR_GRACE + 0.2:  # longer than a silent actor is trusted
+        x = x + 1
+        ops += 1
+    assert woke == []
+    assert time.monotonic() - t0 == pytest.approx(ops * 1e-6)
+    sleeper.join()
+    assert woke == [pytest.approx(1.0)]
+    assert emu.clock.stalls == 0
+
+
+def test_a_thread_pool_runs_a_task_at_the_virtual_time_it_was_submitted(emulate):
+    emu = emulate()
+    stop = threading.Event()
+
+    def ticker():  # someone else is waiting on a timer all along
+        while not stop.is_set():
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    lags = []
+    with ThreadPoolExecutor(1) as pool:
+        for _ in range(10):
+            sent = time.monotonic()
+            lags.append(pool.submit(time.monotonic).result() - sent)
+            time.sleep(0.01)
+    stop.set()
+    thread.join()
+    assert lags == [0.0] * 10
+    assert emu.clock.stalls == 0
+
+
+def test_asyncio_waits_on_threads_in_virtual_time(emulate):
+    emulate()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.to_thread(time.sleep, 5)
+        after_thread = loop.time() - start
+        done = loop.create_future()
+
+        def later():
+            time.sleep(2)
+            loop.call_soon_threadsafe(done.set_result, time.monotonic() - start)
+
+        threading.Thread(target=later).start()
+        return after_thread, await done, loop.time() - start
+
+    wall = _real_perf_counter()
+    assert asyncio.run(main()) == (5.0, 7.0, 7.0)
+    assert _real_perf_counter() - wall < 0.5
+
+
+def _workload(emulate) -> tuple[list, list, float]:
+    """Requests arrive from a thread; the main thread serves each with a few ops; everything is logged."""
+    emu = emulate(
+        device={"aten::mm": 2e-3, "aten::add": 1e-4},
+        host={"aten::mm": 1.3e-5, "aten::add": 7e-6, "cudaEventRecord": 5e-6},
+        launch_latency=4.7e-6,
+        sync_latency=3.1e-6,
+    )
+    requests: queue.Queue = queue.Queue()
+    served = []
+    x = torch.empty(64, 64, device="cuda")
+    x = x + 1  # the engine thread has launched before requests arrive (an actor: time waits for it)
+
+    def arrivals():
+        for i in range(5):
+            time.sleep(0.0037 * (i + 1))
+            requests.put(i)
+        requests.put(None)
+
+    thread = threading.Thread(target=arrivals)
+    thread.start()
+    while (item := requests.get(timeout=1.0)) is not None:
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(item + 1):
+            x = (x @ x) + 1
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        x[0, 0].item()
+        served.append((item, emu.clock.now, start.elapsed_time(end)))
+    thread.join(timeout=10)
+    ops = [row[1:6] for row in emu.ops]
+    now = emu.clock.now
+    emu.deactivate()
+    return served, ops, now
+
+
+def test_a_deterministic_run_is_bit_identical_when_repeated(emulate):
+    first = _workload(emulate)
+    second = _workload(emulate)
+    assert len(first[0]) == 5 and len(first[1]) > 20
+    assert first == second
