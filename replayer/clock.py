@@ -80,6 +80,7 @@ class Clock:
         self._heap: list[_Sleeper] = []
         self._seq = itertools.count()
         self._exempt: set[int] = set()
+        self._held = 0  # threads inside slow emulator work (see `hold`)
         self._starting = 0  # threads being started: not registered yet, but about to run
 
     # -- threads -------------------------------------------------------------------------------
@@ -308,9 +309,19 @@ class Clock:
             except RuntimeError:  # already released by a notifier
                 pass
 
+    def hold(self) -> None:
+        """The calling thread does slow emulator work (a new op signature): time may not jump meanwhile."""
+        with self._lock:
+            self._held += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._held -= 1
+            self._me().last_contact = _real_monotonic()
+
     def _maybe_jump(self) -> None:
         """With the lock held: if nobody can make progress, jump to the earliest deadline."""
-        if self._starting:
+        if self._starting or self._held:
             return
         now_real = _real_monotonic()
         stalled: list[str] = []

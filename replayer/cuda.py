@@ -146,7 +146,9 @@ class Graph:
         self.kernels = 0
         self.replays = 0
         self.captured = False
-        self.written: list = []  # storages whose shadow values a replay makes stale
+        # Shadow-value updates a replay performs: captured ops on small known tensors (positions, token
+        # ids) run again on the host; the device time stays one O(1) advance of the stream.
+        self.on_replay: list = []
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
         self._emu.clock.begin_capture(self)
@@ -159,13 +161,14 @@ class Graph:
         emu = self._emu
         emu.clock.advance(emu.cost.host_time("cudaGraphLaunch"))
         emu.clock.advance_stream(emu.clock.current_stream(), self.duration)
-        for storage in self.written:
-            storage.value = None
+        for update in self.on_replay:
+            update()
         self.replays += 1
         emu.graph_replays += 1
 
     def reset(self):
         self.duration, self.ops, self.captured = 0.0, 0, False
+        self.on_replay.clear()
 
     def pool(self):
         return (0, id(self))

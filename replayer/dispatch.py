@@ -15,7 +15,7 @@ import torch
 from torch._ops import OpOverload
 
 from replayer.memory import Storage
-from replayer.tensor import _INTEGRAL, Meta, VTensor, _wrap, make, meta_of, value_allowed
+from replayer.tensor import _INTEGRAL, _STRIDED, Meta, VTensor, _wrap, make, meta_of, value_allowed
 from revati.op_features import launches_kernel, op_dtype, op_features
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class Signature:
     names: list  # the schema's argument names, to find arguments by reference
     value_ok: bool  # every output is small enough to keep a value
     fast: Meta | None  # the one new output of a plain op that keeps no value: the hot path
+    fast_view: Meta | None  # the one output of a view of args[0], when args[0] has no value
     input_shapes: list = field(default_factory=list)
     input_dtypes: list = field(default_factory=list)
     scalars: str | None = None
@@ -147,26 +148,38 @@ class Dispatcher:
         key = tuple(parts)
         sig = self.cache.get(key)
         if sig is None:
-            sig = self._signature(func, args, kwargs, tensors)
-            if sig is None:  # data-dependent output shape: no caching possible
-                return self._dynamic(func, args, kwargs, tensors)
+            clock = self.emu.clock
+            clock.hold()
+            try:
+                sig = self._signature(func, args, kwargs, tensors)
+                if sig is None:  # data-dependent output shape: no caching possible
+                    return self._dynamic(func, args, kwargs, tensors)
+            finally:
+                clock.release()
             self.cache[key] = sig
         self.ops += 1
         meta = sig.fast
-        if meta is not None:
+        if meta is not None:  # one new output, no value: most kernels
             out = _wrap(
-                VTensor,
-                meta.shape,
-                strides=meta.stride,
-                storage_offset=meta.offset,
-                dtype=meta.dtype,
-                device=self.device,
+                VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
             )
             out._d = meta
             out._vstorage = Storage(meta.nbytes, self.allocator, None)
             out._value = None
         else:
-            out = self._outputs(sig, func, args, kwargs, tensors)
+            meta = sig.fast_view
+            base = args[0] if meta is not None else None
+            if (
+                meta is not None and type(base) is VTensor and base._value is None
+            ):  # a view of a value-less tensor
+                out = _wrap(
+                    VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
+                )
+                out._d = meta
+                out._vstorage = base._vstorage
+                out._value = None
+            else:
+                out = self._outputs(sig, func, args, kwargs, tensors)
         self.emu.account(sig)
         return out
 
@@ -268,6 +281,13 @@ class Dispatcher:
             names=names,
             value_ok=value_ok,
             fast=outs[0][1] if plain and not value_ok and func not in _TOKEN_OPS else None,
+            fast_view=outs[0][2]
+            if kind is None
+            and outs[0] is not None
+            and outs[0][0] == "view"
+            and outs[0][1] == 0
+            and not written
+            else None,
             input_shapes=[list(t.shape) for t in tensors],
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
             scalars=_scalars(args, kwargs),
@@ -290,9 +310,12 @@ class Dispatcher:
                 ):
                     with_values = False
                     break
+        graph = self.emu.clock.capturing() if (with_values or func in _TOKEN_OPS) else None
         if with_values:
             self.value_ops += 1
-            real = func(*_map_tensors(args, _cpu_value), **_cpu_kwargs(kwargs))
+            # Capturing records kernels without running them: a mutating op computes on copies then.
+            value_of = _cpu_copy if graph is not None and sig.mutated else _cpu_value
+            real = func(*_map_tensors(args, value_of), **_cpu_kwargs(kwargs))
             reals = [real] if sig.kind is None else list(real)
             if overwrite:
                 dst = args[0]
@@ -328,6 +351,10 @@ class Dispatcher:
                 results.append(make(o[1], self.device, self._new_storage(o[1], value), value))
         if reals is None and func in _TOKEN_OPS:
             self._synthesize_tokens(func, args, kwargs, results)
+            if graph is not None:
+                graph.on_replay.append(lambda: self._synthesize_tokens(func, args, kwargs, results))
+        elif with_values and graph is not None:
+            graph.on_replay.append(lambda: _rerun(func, args, kwargs, results, sig.kind))
         if sig.kind is None:
             return results[0]
         return sig.kind(results)
@@ -348,26 +375,42 @@ class Dispatcher:
             if func is aten.topk.default:
                 dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
             vocab = src.shape[dim] if src.dim() else 1
-        out._value = self.emu.oracle.token_ids(
-            tuple(out.shape), vocab, str(func.overloadpacket._qualified_op_name)
-        )
-        out._value = out._value.to(out.dtype).as_strided(out.shape, out.stride(), 0)
+        ids = self.emu.oracle.token_ids(tuple(out.shape), vocab, str(func.overloadpacket._qualified_op_name))
+        ids = ids.to(out.dtype)
+        if out._value is None:
+            out._value = ids.as_strided(out.shape, out.stride(), 0)
+        else:  # a graph replay refills the buffer that later views read
+            out._value.copy_(ids)
         out._vstorage.value = True
 
     def _dynamic(self, func, args, kwargs, tensors) -> Any:
         """An op whose output shape depends on values: run it on the shadow values, or fail clearly."""
-        if any(type(t) is VTensor and t.value() is None for t in tensors):
+        # Value-less inputs (x in x[mask]) stand in as zero-stride zeros: the shape comes from the inputs
+        # that have values; outputs computed from a stand-in have no value.
+        partial = any(type(t) is VTensor and t.value() is None for t in tensors)
+        if partial and all(type(t) is VTensor and t.value() is None for t in tensors):
             raise DataDependentError(
                 f"revati: {func} needs the values of a virtual tensor that has none "
                 "(its output shape depends on them); this op is not emulated on value-less tensors"
             )
         self.ops += 1
         self.value_ops += 1
-        real = func(*_map_tensors(args, _cpu_value), **_cpu_kwargs(kwargs))
+        real = func(*_map_tensors(args, _cpu_value_or_standin), **_cpu_kwargs(kwargs))
         reals = [real] if isinstance(real, _Tensor) else list(real)
-        outs = [_wrap_value(self, r) if isinstance(r, _Tensor) else r for r in reals]
+        outs = [_wrap_value(self, r, keep=not partial) if isinstance(r, _Tensor) else r for r in reals]
         key, features = op_features(func, _map_tensors(args, meta_of), {}, [meta_of(r) for r in reals])
-        self.emu.account_once(key, features, op_dtype(args, kwargs))
+        dtype = op_dtype(args, kwargs)
+        cost = self.emu.cost
+        sig = Signature(
+            func=func, key=key, features=features, dtype=dtype, launches=True,
+            duration=cost.device_time(key, features, dtype), host=cost.host_time(key),
+            outs=[], kind=None, mutated=(), names=[], value_ok=True, fast=None, fast_view=None,
+            input_shapes=[list(t.shape) for t in tensors],
+            input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
+            sig_id=len(self.signatures),
+        )  # fmt: skip
+        self.signatures.append(sig)  # one per call: its shapes depend on values, nothing to cache
+        self.emu.account(sig)
         return outs[0] if isinstance(real, _Tensor) else type(real)(outs)
 
     # -- host reads ------------------------------------------------------------------------------
@@ -381,9 +424,17 @@ class Dispatcher:
         return value
 
 
-def _wrap_value(d: Dispatcher, r: torch.Tensor) -> VTensor:
+def _wrap_value(d: Dispatcher, r: torch.Tensor, keep: bool = True) -> VTensor:
     meta = Meta.of_tensor(r)
+    if not keep or not value_allowed(r.dtype, r.numel()):
+        return make(meta, d.device, Storage(meta.nbytes, d.allocator, None), None)
     return make(meta, d.device, Storage(meta.nbytes, d.allocator, True), r)
+
+
+def _cpu_value_or_standin(t: torch.Tensor) -> torch.Tensor:
+    if type(t) is VTensor and t.value() is None:
+        return torch.zeros((), dtype=t.dtype).expand(t.shape)
+    return _cpu_value(t)
 
 
 def _map_tensors(x, fn):
@@ -398,6 +449,20 @@ def _map_tensors(x, fn):
 
 def _cpu_value(t: torch.Tensor) -> torch.Tensor:
     return t._value if type(t) is VTensor else t
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return _cpu_value(t).clone()
+
+
+def _rerun(func, args, kwargs, results, kind) -> None:
+    """A graph replay runs a captured value-carrying op again, writing into the outputs' values."""
+    real = func(*_map_tensors(args, _cpu_value), **_cpu_kwargs(kwargs))
+    for r, out in zip([real] if kind is None else real, results, strict=True):
+        if type(out) is VTensor and out._value is not None:
+            if r is not out._value:
+                out._value.copy_(r)
+            out._vstorage.value = True
 
 
 def _cpu_kwargs(kwargs: dict) -> dict:

@@ -151,11 +151,6 @@ class Emulator:
         if self.keep_ops:
             self.ops.append((sig.sig_id, host, sig.host, start, sig.duration, stream, self._iteration))
 
-    def account_once(self, key: str, features: dict, dtype) -> None:
-        """An op seen once (data-dependent shapes): priced and logged without a cached signature."""
-        duration = self.cost.device_time(key, features, dtype)
-        self.clock.launch(duration, self.cost.host_time(key))
-
     def host_sync(self) -> None:
         """A host read of device data: wait for the calling thread's stream."""
         self.clock.sync_stream(self.clock.current_stream())

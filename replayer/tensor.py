@@ -78,6 +78,7 @@ class VTensor(torch.Tensor):
 
 
 _wrap = torch.Tensor._make_wrapper_subclass
+_STRIDED = torch.strided
 
 
 def _no_emulator(func, args, kwargs):
@@ -121,9 +122,8 @@ class Meta:
 
 def make(meta: Meta, device: torch.device, storage: Storage, value: torch.Tensor | None) -> VTensor:
     """A VTensor with `meta`'s metadata over `storage`, with a shadow value or None."""
-    t = _wrap(
-        VTensor, meta.shape, strides=meta.stride, storage_offset=meta.offset, dtype=meta.dtype, device=device
-    )
+    # Positional arguments: the keyword form costs ~1.3 µs more per op in the argument parser.
+    t = _wrap(VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, device)
     t._d = meta
     t._vstorage = storage
     t._value = value

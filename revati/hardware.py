@@ -117,6 +117,25 @@ GPUS: dict[str, GpuSpec] = {
         l2_bytes=50 * MiB,
         clock_mhz=1980,
     ),
+    # NVIDIA HGX B200 datasheet, per GPU: 180 GB HBM3e at 7.7 TB/s, dense BF16 2.25 PFLOPS (4.5 sparse),
+    # dense FP8 4.5 PFLOPS, NVLink 5 at 1.8 TB/s bidirectional. SM count (148), L2 and clock are from
+    # public architecture write-ups, not the datasheet. Memory: nominal 180 GB.
+    "b200": GpuSpec(
+        key="b200",
+        name="NVIDIA B200",
+        sm_count=148,
+        memory_bytes=180 * GB,
+        hbm_bandwidth=7.7e12,
+        bf16_flops=2250 * TFLOPS,
+        fp16_flops=2250 * TFLOPS,
+        fp8_flops=4500 * TFLOPS,
+        fp32_flops=75 * TFLOPS,
+        nvlink_bandwidth=900 * GB,
+        pcie_bandwidth=64 * GB,
+        compute_capability=(10, 0),
+        l2_bytes=126 * MiB,
+        clock_mhz=1965,
+    ),
     # NVIDIA A100 Tensor Core GPU datasheet, 80 GB SXM4 (no fp8). Memory: nominal 80 GiB.
     "a100": GpuSpec(
         key="a100",
