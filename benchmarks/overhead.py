@@ -51,7 +51,7 @@ def op_overhead(n: int) -> dict[str, float]:
     with _EmptyMode(a):
         empty = _per_op(lambda: a + a, n)
     spec = gpu("h100")
-    with Emulator(spec, Roofline(spec), keep_ops=True) as emu:
+    with Emulator(spec, Roofline(spec), ops="all") as emu:
         v = torch.randn(64, 128, device="cuda")
         cached = _per_op(lambda: v + v, n)
         misses = emu.dispatcher.misses
@@ -69,7 +69,7 @@ def engine_overhead(engine: str, requests: int) -> dict[str, float]:
     real = real_perf_counter() - t0
     del model
     spec = gpu("h100")
-    with Emulator(spec, Roofline(spec), keep_ops=False) as emu:
+    with Emulator(spec, Roofline(spec), ops="none") as emu:
         vmodel = build_model(config, "cuda", torch.float32)
         run_engine(engine, vmodel, work.requests[:2])
         ops0 = emu.dispatcher.ops

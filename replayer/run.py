@@ -38,7 +38,7 @@ class EmulationConfig:
     host_time: str = "deterministic"
     dtype: str = "bfloat16"
     profile: str | None = None
-    keep_ops: bool = True
+    ops: str = "sample"  # which op rows the trace keeps: all, sample, none
     seed: int = 0
     options: dict = field(default_factory=dict)
 
@@ -103,7 +103,7 @@ def emulate(
         spec,
         cost,
         host_time=config.host_time,
-        keep_ops=config.keep_ops and out is not None,
+        ops=config.ops if out is not None else "none",
         special_tokens=special_tokens(model_config),
         seed=config.seed,
     )
@@ -177,7 +177,7 @@ def _write_trace(out: Path, emu: Emulator, config, workload, model_config, resul
                 ),
             }
         )
-        if emu.keep_ops and emu.ops:
+        if emu.ops:
             writer.append("ops", emu.op_rows())
         if emu.iterations:
             writer.append("iterations", emu.iterations)
@@ -215,7 +215,7 @@ def emulate_script(argv: list[str], spec: GpuSpec, cost: CostModel, host_time: s
         target, is_module = argv[0], False
         if not Path(target).exists():
             raise FileNotFoundError(f"revati emulate --: no such script {target!r}")
-    emu = Emulator(spec, cost, host_time=host_time, keep_ops=False)
+    emu = Emulator(spec, cost, host_time=host_time, ops="none")
     saved_argv = sys.argv
     sys.argv = list(argv)
     code = 0

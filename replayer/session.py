@@ -24,6 +24,11 @@ from replayer.tensor import VTensor
 from revati.cost import CostModel
 from revati.hardware import GpuSpec
 
+# Which ops an emulated trace keeps: every one, those of one engine step in SAMPLE_EVERY, or none
+# (iterations and requests only). A real workload makes millions of ops.
+OPS_MODES = ("all", "sample", "none")
+SAMPLE_EVERY = 20
+
 _CURRENT: Emulator | None = None
 _LIBRARY: torch.library.Library | None = None
 _MISSING = object()
@@ -76,7 +81,7 @@ class Emulator:
         cost: CostModel,
         *,
         host_time: str = "deterministic",
-        keep_ops: bool = True,
+        ops: str = "all",
         special_tokens: set[int] | None = None,
         seed: int = 0,
         device_count: int = 1,
@@ -92,7 +97,10 @@ class Emulator:
         self.allocator = Allocator(gpu.memory_bytes, gpu.name)
         self.oracle = TokenOracle(special_tokens, seed)
         self.dispatcher = Dispatcher(self)
-        self.keep_ops = keep_ops
+        if ops not in OPS_MODES:
+            raise ValueError(f"ops must be one of {', '.join(OPS_MODES)}, not {ops!r}")
+        self.ops_mode = ops
+        self._log_ops = ops == "all"
         self.ops: list[tuple] = []
         self.iterations: list[dict] = []
         self.graph_replays = 0
@@ -148,8 +156,19 @@ class Emulator:
     def account(self, sig: Signature) -> None:
         """Advance the clocks for one op and log it."""
         host, start, stream = self.clock.launch(sig.duration, sig.host)
-        if self.keep_ops:
-            self.ops.append((sig.sig_id, host, sig.host, start, sig.duration, stream, self._iteration))
+        if self._log_ops:
+            self.ops.append(
+                (
+                    self.dispatcher.ops,
+                    sig.sig_id,
+                    host,
+                    sig.host,
+                    start,
+                    sig.duration,
+                    stream,
+                    self._iteration,
+                ),
+            )
 
     def host_sync(self) -> None:
         """A host read of device data: wait for the calling thread's stream."""
@@ -177,6 +196,8 @@ class Emulator:
         now = clock.read()
         stream = clock.current_stream()
         self._iteration = len(self.iterations)
+        if self.ops_mode == "sample":
+            self._log_ops = self._iteration % SAMPLE_EVERY == 0
         self._iteration_open = {
             "rank": 0,
             "iteration_id": self._iteration,
@@ -198,6 +219,7 @@ class Emulator:
         self.iterations.append(row)
         self._iteration_open = None
         self._iteration = None
+        self._log_ops = self.ops_mode == "all"
 
     # -- reporting -------------------------------------------------------------------------------
 
@@ -207,44 +229,28 @@ class Emulator:
     def op_rows(self) -> dict[str, list]:
         """The op log as columns of the trace's `ops` table."""
         sigs = self.dispatcher.signatures
-        cols: dict[str, list] = {
-            k: []
-            for k in (
-                "rank",
-                "op_id",
-                "name",
-                "input_shapes",
-                "dtypes",
-                "scalars",
-                "stream",
-                "host_start",
-                "host_duration",
-                "device_start",
-                "device_duration",
-                "in_graph",
-                "iteration_id",
-                "predicted",
-                "extrapolated",
-            )
+        if not self.ops:
+            return {}
+        op_id, sid, host, hdur, start, dur, stream, it = (list(c) for c in zip(*self.ops, strict=True))
+        used = [sigs[i] for i in sid]
+        n = len(op_id)
+        return {
+            "rank": [0] * n,
+            "op_id": op_id,
+            "name": [s.key for s in used],
+            "input_shapes": [s.input_shapes for s in used],
+            "dtypes": [s.input_dtypes for s in used],
+            "scalars": [s.scalars for s in used],
+            "stream": stream,
+            "host_start": host,
+            "host_duration": hdur,
+            "device_start": start,
+            "device_duration": dur,
+            "in_graph": [False] * n,
+            "iteration_id": it,
+            "predicted": [True] * n,
+            "extrapolated": [s.extrapolated for s in used],
         }
-        for op_id, (sid, host, hdur, start, dur, stream, it) in enumerate(self.ops):
-            s = sigs[sid]
-            cols["rank"].append(0)
-            cols["op_id"].append(op_id)
-            cols["name"].append(s.key)
-            cols["input_shapes"].append(s.input_shapes)
-            cols["dtypes"].append(s.input_dtypes)
-            cols["scalars"].append(s.scalars)
-            cols["stream"].append(stream)
-            cols["host_start"].append(host)
-            cols["host_duration"].append(hdur)
-            cols["device_start"].append(start)
-            cols["device_duration"].append(dur)
-            cols["in_graph"].append(False)
-            cols["iteration_id"].append(it)
-            cols["predicted"].append(True)
-            cols["extrapolated"].append(s.extrapolated)
-        return cols
 
 
 def _register_fallback() -> None:

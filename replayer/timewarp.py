@@ -34,7 +34,8 @@ _real_start = threading.Thread.start
 def install(emu: Emulator, patch: Patcher) -> None:
     """Route the time module, condition waits and new asyncio loops through the virtual clock."""
     clock = emu.clock
-    bases = {name: _real[name]() for name in ("time", "perf_counter", "monotonic")}
+    # Whole seconds, rounded up (clocks never run backwards): differences lose no bits to the base.
+    bases = {name: float(int(_real[name]()) + 1) for name in ("time", "perf_counter", "monotonic")}
 
     def reader(name):
         base = bases[name]

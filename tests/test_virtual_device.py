@@ -111,7 +111,7 @@ def test_a_launch_on_an_idle_stream_starts_one_launch_latency_after_the_host_iss
     torch.cuda.synchronize()
     host = emu.clock.now
     _mm()
-    _, issued, host_cost, start, duration, stream, _ = emu.ops[-1]
+    _, _, issued, host_cost, start, duration, stream, _ = emu.ops[-1]
     assert (issued, host_cost, duration, stream) == (host, 7e-6, D, 0)
     assert start == pytest.approx(host + 5e-6, abs=1e-15)
     assert emu.clock.now == pytest.approx(host + 7e-6, abs=1e-15)
