@@ -105,6 +105,7 @@ def _describe(x, parts, tensors):
 
 
 _PLAIN = (int, float, bool, type(None), str, torch.dtype)
+_NO_KWARGS: dict = {}
 
 
 class Dispatcher:
@@ -114,6 +115,7 @@ class Dispatcher:
         self.emu = emu
         self.device = emu.device
         self.allocator = emu.allocator
+        self.launch = emu.clock.launch
         self.cache: dict[tuple, Signature] = {}
         self.signatures: list[Signature] = []
         self._schemas: dict[OpOverload, tuple] = {}
@@ -124,10 +126,11 @@ class Dispatcher:
     # -- entry points ----------------------------------------------------------------------------
 
     def dispatch(self, func: OpOverload, args: tuple, kwargs: dict | None) -> Any:
+        """Every op on a virtual tensor: a few have their own rules, the rest take the generic path."""
         special = _SPECIAL.get(func)
         if special is not None:
             return special(self, func, args, kwargs or {})
-        return self.run(func, args, kwargs or {})
+        return self.run(func, args, kwargs or _NO_KWARGS)
 
     def run(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
         """The generic path: cached signature, outputs, clock."""
@@ -180,7 +183,12 @@ class Dispatcher:
                 out._value = None
             else:
                 out = self._outputs(sig, func, args, kwargs, tensors)
-        self.emu.account(sig)
+        emu = self.emu
+        host, start, stream = self.launch(sig.duration, sig.host)
+        if emu._log_ops:
+            emu.ops.append(
+                (self.ops, sig.sig_id, host, sig.host, start, sig.duration, stream, emu._iteration)
+            )
         return out
 
     def factory(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:

@@ -22,6 +22,7 @@ class Allocator:
 
     def __init__(self, capacity: int, device_name: str = "GPU"):
         self.capacity = capacity
+        self._usable = capacity - CONTEXT_BYTES
         self.device_name = device_name
         self.allocated = 0
         self.peak = 0
@@ -32,17 +33,21 @@ class Allocator:
         self._lock = threading.Lock()
 
     def alloc(self, nbytes: int) -> int:
-        size = _rounded(nbytes)
+        size = (nbytes + _ROUND - 1) // _ROUND * _ROUND
         with self._lock:
-            if self.allocated + size > self.capacity - CONTEXT_BYTES:
+            allocated = self.allocated + size
+            if allocated > self._usable:
                 self.num_ooms += 1
                 raise torch.cuda.OutOfMemoryError(self._oom_message(size))
-            self.allocated += size
+            self.allocated = allocated
             self.num_allocs += 1
-            self.peak = max(self.peak, self.allocated)
-            # A caching allocator keeps what it once held: reserved follows the high-water mark.
-            self.reserved = max(self.reserved, self.allocated)
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            if allocated > self.peak:
+                self.peak = allocated
+                # A caching allocator keeps what it once held: reserved follows the high-water mark.
+                if allocated > self.reserved:
+                    self.reserved = allocated
+                    if allocated > self.peak_reserved:
+                        self.peak_reserved = allocated
         return size
 
     def free(self, size: int) -> None:
@@ -102,9 +107,10 @@ class Storage:
     def __init__(self, nbytes: int, allocator: Allocator | None, value: torch.Tensor | None = None):
         self.nbytes = nbytes
         self._allocator = allocator
-        self._size = 0  # set before alloc: a failed allocation still runs __del__
-        self._size = allocator.alloc(nbytes) if allocator is not None and nbytes else 0
         self.value = value
+        self._size = 0  # set before alloc: a failed allocation still runs __del__
+        if nbytes and allocator is not None:
+            self._size = allocator.alloc(nbytes)
 
     def __del__(self):
         if self._size and self._allocator is not None:

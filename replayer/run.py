@@ -49,8 +49,8 @@ class EmulationResult:
 
     results: list[RequestResult]
     metrics: ServingMetrics
-    virtual_seconds: float  # serving time on the virtual clock (first arrival to last token)
-    wall_seconds: float  # real time the serving took on this machine
+    virtual_seconds: float  # the engine run on the virtual clock, its set-up and warm-up included
+    wall_seconds: float  # the same span in real time on this machine
     peak_memory: int  # virtual GPU bytes, peak allocated
     weights_memory: int  # virtual GPU bytes allocated by the model's weights
     synthesized: dict[str, int]

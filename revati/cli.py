@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -71,7 +72,7 @@ def emulate(
     ),
     host_time: str = typer.Option("deterministic", help="Host time: 'deterministic' (modeled) or 'wall'."),
     out: Path | None = typer.Option(None, help="Trace directory to write (default: runs/emu-<time>)."),
-    ops: bool = typer.Option(True, help="Keep one row per op in the trace (--no-ops: iterations only)."),
+    ops: str = typer.Option("sample", help="Op rows the trace keeps: all, sample (1 step in 20) or none."),
     dtype: str = typer.Option("bfloat16", help="Weights and activations dtype."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
@@ -80,6 +81,8 @@ def emulate(
         if ctx.args:
             _emulate_script(ctx.args, gpu, host_time)
             return
+        if ops not in ("all", "sample", "none"):
+            raise BadInput(f"--ops must be all, sample or none, not {ops!r}")
         plan = _plan(engine, model, gpu, workload, profile, host_time, out, dtype)
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
@@ -87,7 +90,8 @@ def emulate(
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]revati:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: paths and names may hold '[...]', which rich would otherwise read as markup and drop
+    err_console.print(f"[bold red]revati:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -100,8 +104,7 @@ def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype
 
     if engine not in ENGINES:
         raise BadInput(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
-    if host_time not in ("wall", "deterministic"):
-        raise BadInput(f"--host-time must be 'wall' or 'deterministic', not {host_time!r}")
+    _check_host_time(host_time)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise BadInput(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
     try:
@@ -119,12 +122,19 @@ def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype
     cost = _cost_model(profile, spec)
     if out is None:
         out = Path("runs") / f"emu-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; give a directory to write the trace to")
     if out.exists() and any(out.iterdir()):
         raise BadInput(f"--out {out} already holds files; choose an empty or new directory")
     return dict(
         engine=engine, model=model, spec=spec, model_config=model_config, workload=work, cost=cost,
         host_time=host_time, out=out, dtype=dtype, profile=profile,
     )  # fmt: skip
+
+
+def _check_host_time(host_time: str) -> None:
+    if host_time not in ("wall", "deterministic"):
+        raise BadInput(f"--host-time must be 'wall' or 'deterministic', not {host_time!r}")
 
 
 def _cost_model(profile: Path | None, spec):
@@ -152,7 +162,7 @@ def _cost_model(profile: Path | None, spec):
     )
 
 
-def _run_emulation(plan: dict, keep_ops: bool, as_json: bool) -> None:
+def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
     import torch
 
     from replayer.run import EmulationConfig, emulate
@@ -164,7 +174,7 @@ def _run_emulation(plan: dict, keep_ops: bool, as_json: bool) -> None:
         host_time=plan["host_time"],
         dtype=plan["dtype"],
         profile=str(plan["profile"]) if plan["profile"] else None,
-        keep_ops=keep_ops,
+        ops=ops,
     )
     work = plan["workload"]
     progress = Progress(
@@ -306,13 +316,23 @@ def _emulate_script(argv: list[str], gpu_name: str, host_time: str) -> None:
         spec = gpu_spec(gpu_name)
     except ValueError as e:
         raise BadInput(str(e)) from None
-    try:
-        code, emu = emulate_script(argv, spec, Roofline(spec), host_time)
-    except (ValueError, FileNotFoundError) as e:
-        raise BadInput(str(e)) from None
+    _check_host_time(host_time)
+    _check_script(argv)
+    # Not wrapped in `except ValueError`: once the script runs, its own errors are its own, not bad input.
+    code, emu = emulate_script(argv, spec, Roofline(spec), host_time)
     err_console.print(
         f"[dim]revati: virtual {spec.name}: {emu.clock.now:.4f} s of virtual time, "
         f"{emu.dispatcher.ops:,} ops, peak {emu.allocator.peak / 2**30:.2f} GiB[/]",
         highlight=False,
     )
     sys.exit(code)
+
+
+def _check_script(argv: list[str]) -> None:
+    """The script or module to run is named and, for a script, exists."""
+    if argv and Path(argv[0]).name.startswith("python"):
+        argv = argv[1:]
+    if not argv or argv == ["-m"]:
+        raise BadInput("revati emulate --: give a script to run, e.g. `revati emulate -- python bench.py`")
+    if argv[0] != "-m" and not Path(argv[0]).exists():
+        raise BadInput(f"revati emulate --: no such script {argv[0]!r}")

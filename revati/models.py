@@ -46,7 +46,13 @@ def load_config(name_or_path: str | os.PathLike) -> PretrainedConfig:
     model_type = fields.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{path}: no 'model_type' field; a Hugging Face config.json names its model type")
-    config = AutoConfig.for_model(model_type, **fields)
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # transformers raises ValueError, TypeError or its own validation errors
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: transformers cannot build a {model_type!r} config from it ({first})"
+        ) from None
     config.name_or_path = path.stem if path.parent == CONFIG_DIR else str(path.parent)
     return config
 
