@@ -26,8 +26,14 @@ class NativeBuildError(RuntimeError):
 
 
 def needed() -> bool:
-    """Whether this torch lacks a CUDA device guard (a CPU-only build)."""
-    return not torch.backends.cuda.is_built()
+    """Whether this torch lacks a working CUDA device guard: a CPU-only build, or a CUDA build with no driver.
+
+    (On a CUDA build the fake guard replaces the real one for the rest of the process: without a driver
+    the real one can only fail.)
+    """
+    if not torch.backends.cuda.is_built():
+        return True
+    return not torch.cuda.is_available()
 
 
 def library_path() -> Path:
@@ -49,7 +55,7 @@ def build(force: bool = False) -> Path:
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     abi = int(torch.compiled_with_cxx11_abi())
     cmd = [
-        cxx, "-O1", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        cxx, "-O1", "-shared", "-fPIC", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         f"-I{torch_dir / 'include'}", str(_SOURCE), "-o", str(tmp),
         f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-lc10",
     ]  # fmt: skip

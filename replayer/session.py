@@ -128,6 +128,7 @@ class Emulator:
         _CURRENT = self
         native.load()
         _register_fallback()
+        _override_cuda_factories(self._patch)
         meta_kernels.use_native(self._patch)
         tensor.set_dispatch(self.dispatch if self.clock.wall else self.dispatcher.dispatch)
         _cuda.install(self, self._patch)
@@ -270,6 +271,26 @@ def _register_fallback() -> None:
     lib = torch.library.Library("_", "IMPL")
     lib.fallback(fallback, dispatch_key="CUDA")
     _LIBRARY = lib  # must stay alive, or the registration goes with it
+
+
+def _override_cuda_factories(patch: Patcher) -> None:
+    """On a CUDA build of torch, allocations have real CUDA kernels (which need a driver): take them over."""
+    if not torch.backends.cuda.is_built():
+        return
+    import warnings
+
+    def factory(op):
+        def impl(*args, **kwargs):
+            return current().dispatcher.factory(op, args, kwargs)
+
+        return impl
+
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": that is the point
+        for op in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default):
+            lib.impl(op, factory(op), "CUDA")
+    patch.on_restore(lib._destroy)
 
 
 def _is_cuda(device) -> bool:
