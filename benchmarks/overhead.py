@@ -58,9 +58,11 @@ def op_overhead(n: int) -> dict[str, float]:
     return {"plain_cpu_us": plain, "empty_mode_us": empty, "cached_us": cached, "misses": misses}
 
 
-def engine_overhead(engine: str, requests: int) -> dict[str, float]:
+def engine_overhead(engine: str, requests: int, layers: int | None = None) -> dict[str, float]:
     config = load_config("tiny-llama")
     config.eos_token_id = None
+    if layers is not None:  # more layers: per-layer host work weighs as in a real model, compute stays tiny
+        config.num_hidden_layers = layers
     work = parse_workload(f"poisson:rate=inf,n={requests},prompt=fixed(128),output=fixed(32),seed=1")
     model = build_model(config, "cpu", torch.float32)
     run_engine(engine, model, work.requests[:2])  # warm both paths' imports and caches
@@ -95,12 +97,14 @@ def main() -> None:
     print(f"  empty dispatch mode       {o['empty_mode_us']:7.2f} us")
     print(f"  emulator, cached path     {o['cached_us']:7.2f} us   (signature misses: {o['misses']})")
     print(f"  ratio cached / empty mode {o['cached_us'] / o['empty_mode_us']:7.2f}x")
-    e = engine_overhead(args.engine, args.requests)
-    print(f"{args.engine}, tiny-llama, {args.requests} requests (prompt 128, output 32), all at t=0:")
-    print(f"  real CPU tensors          {e['real_cpu_s']:7.3f} s")
-    print(f"  emulated (virtual H100)   {e['emulated_s']:7.3f} s   ({e['ops']:,} ops, "
-          f"{e['emulated_s'] / max(e['ops'], 1) * 1e6:.1f} us per op all in)")  # fmt: skip
-    print(f"  ratio emulated / real     {e['emulated_s'] / e['real_cpu_s']:7.2f}x")
+    for layers in (None, 16):
+        e = engine_overhead(args.engine, args.requests, layers)
+        name = "tiny-llama" if layers is None else f"tiny-llama with {layers} layers"
+        print(f"{args.engine}, {name}, {args.requests} requests (prompt 128, output 32), all at t=0:")
+        print(f"  real CPU tensors          {e['real_cpu_s']:7.3f} s")
+        print(f"  emulated (virtual H100)   {e['emulated_s']:7.3f} s   ({e['ops']:,} ops, "
+              f"{e['emulated_s'] / max(e['ops'], 1) * 1e6:.1f} us per op all in)")  # fmt: skip
+        print(f"  ratio emulated / real     {e['emulated_s'] / e['real_cpu_s']:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,13 @@ class Dispatcher:
             return special(self, func, args, kwargs or {})
         return self.run(func, args, kwargs or _NO_KWARGS)
 
+    def torch_dispatch(self, func: OpOverload, types, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """`VTensor.__torch_dispatch__` while this dispatcher's emulator is active (one call level less)."""
+        special = _SPECIAL.get(func)
+        if special is not None:
+            return special(self, func, args, kwargs or {})
+        return self.run(func, args, kwargs or _NO_KWARGS)
+
     def run(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
         """The generic path: cached signature, outputs, clock."""
         parts: list = [func]

@@ -130,7 +130,10 @@ class Emulator:
         _register_fallback()
         _override_cuda_factories(self._patch)
         meta_kernels.use_native(self._patch)
-        tensor.set_dispatch(self.dispatch if self.clock.wall else self.dispatcher.dispatch)
+        if self.clock.wall:
+            tensor.set_dispatch(self.dispatch)
+        else:
+            tensor.set_dispatch(self.dispatcher.dispatch, self.dispatcher.torch_dispatch)
         _cuda.install(self, self._patch)
         _install_entry_points(self, self._patch)
         timewarp.install(self, self._patch)

@@ -91,9 +91,17 @@ def _no_emulator(func, args, kwargs):
 _dispatch = _no_emulator
 
 
-def set_dispatch(fn) -> None:
+def set_dispatch(fn, torch_dispatch=None) -> None:
+    """Route ops on virtual tensors to `fn(func, args, kwargs)`; `torch_dispatch(func, types, args, kwargs)`,
+    when given, is installed as `VTensor.__torch_dispatch__` itself, sparing a call per op."""
     global _dispatch
     _dispatch = fn if fn is not None else _no_emulator
+    VTensor.__torch_dispatch__ = (
+        staticmethod(torch_dispatch) if torch_dispatch is not None else _DEFAULT_DISPATCH
+    )
+
+
+_DEFAULT_DISPATCH = VTensor.__dict__["__torch_dispatch__"]
 
 
 class Meta:
