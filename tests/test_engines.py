@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from revati.engines import ENGINES, engine_options, run_engine
 from revati.engines.prompts import prompt_ids
+from revati.models import build_model, load_config
 from revati.workloads import Request
 
 # Small cache settings keep the paged cache and its sdpa mask tiny.
@@ -17,17 +17,8 @@ OPTIONS = {"hf-generate": {"batch_size": 4}, "hf-cb": CB_OPTIONS, "hf-serve": CB
 
 @pytest.fixture(scope="module")
 def model():
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=4096,
-    )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return build_model(load_config("tiny-llama"), "cpu", torch.float32)
 
 
 class Steps:
