@@ -30,6 +30,7 @@ _ACTOR_GRACE = 0.5
 _POLL = 0.01
 
 _real_monotonic = time.monotonic
+_get_ident = threading.get_ident
 _real_perf_counter = time.perf_counter
 # The clock's own condition must not go through the time warp's patched wait / notify.
 _real_wait = threading.Condition.wait
@@ -193,7 +194,9 @@ class Clock:
     def launch(self, duration: float, host_cost: float) -> tuple[float, float, int]:
         """Issue `duration` of device work on the calling thread's stream; returns (host, start, stream)."""
         with self._lock:
-            me = self._threads.get(threading.get_ident()) or self._me()
+            me = self._threads.get(_get_ident())
+            if me is None:
+                me = self._me()
             me.actor = True
             me.last_contact = _real_monotonic()  # a launching actor is busy, not stalled (_ACTOR_GRACE)
             host = self.now
@@ -205,7 +208,10 @@ class Clock:
                 graph.ops += 1
                 graph.kernels += duration > 0
             else:
-                start = max(self.streams.get(stream, 0.0), host + self.launch_latency)
+                start = host + self.launch_latency
+                busy = self.streams.get(stream, 0.0)
+                if busy > start:
+                    start = busy
                 if duration > 0:
                     self.streams[stream] = start + duration
             if host_cost > 0:

@@ -54,6 +54,7 @@ class Signature:
     value_ok: bool  # every output is small enough to keep a value
     fast: Meta | None  # the one new output of a plain op that keeps no value: the hot path
     fast_view: Meta | None  # the one output of a view of args[0], when args[0] has no value
+    small_new: Meta | None = None  # like `fast`, for a small output: fast only when some input lacks a value
     input_shapes: list = field(default_factory=list)
     input_dtypes: list = field(default_factory=list)
     scalars: str | None = None
@@ -127,21 +128,21 @@ class Dispatcher:
 
     def dispatch(self, func: OpOverload, args: tuple, kwargs: dict | None) -> Any:
         """Every op on a virtual tensor: a few have their own rules, the rest take the generic path."""
-        special = _SPECIAL.get(func)
+        special = _SPECIAL_IDS.get(id(func))
         if special is not None:
             return special(self, func, args, kwargs or {})
         return self.run(func, args, kwargs or _NO_KWARGS)
 
     def torch_dispatch(self, func: OpOverload, types, args: tuple = (), kwargs: dict | None = None) -> Any:
         """`VTensor.__torch_dispatch__` while this dispatcher's emulator is active (one call level less)."""
-        special = _SPECIAL.get(func)
+        special = _SPECIAL_IDS.get(id(func))
         if special is not None:
             return special(self, func, args, kwargs or {})
         return self.run(func, args, kwargs or _NO_KWARGS)
 
     def run(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
         """The generic path: cached signature, outputs, clock."""
-        parts: list = [func]
+        parts: list = [id(func)]  # OpOverload hashes in Python; its id is as unique (overloads live forever)
         tensors: list = []
         for a in args:
             if type(a) is VTensor:
@@ -176,12 +177,18 @@ class Dispatcher:
             out._d = meta
             out._vstorage = Storage(meta.nbytes, self.allocator, None)
             out._value = None
+        elif sig.small_new is not None and not _all_valued(tensors):  # small, but nothing to compute from
+            meta = sig.small_new
+            out = _wrap(
+                VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
+            )
+            out._d = meta
+            out._vstorage = Storage(meta.nbytes, self.allocator, None)
+            out._value = None
         else:
             meta = sig.fast_view
             base = args[0] if meta is not None else None
-            if (
-                meta is not None and type(base) is VTensor and base._value is None
-            ):  # a view of a value-less tensor
+            if meta is not None and type(base) is VTensor and base._value is None:  # a value-less view
                 out = _wrap(
                     VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
                 )
@@ -296,6 +303,7 @@ class Dispatcher:
             names=names,
             value_ok=value_ok,
             fast=outs[0][1] if plain and not value_ok and func not in _TOKEN_OPS else None,
+            small_new=outs[0][1] if plain and value_ok and func not in _TOKEN_OPS else None,
             fast_view=outs[0][2]
             if kind is None
             and outs[0] is not None
@@ -560,3 +568,11 @@ _SPECIAL = {
     aten.is_nonzero.default: _is_nonzero,
     aten._fused_sdp_choice.default: _fused_sdp_choice,
 }
+_SPECIAL_IDS = {id(op): handler for op, handler in _SPECIAL.items()}
+
+
+def _all_valued(tensors: list) -> bool:
+    for t in tensors:  # noqa: SIM110 - a plain loop beats all() on this path
+        if type(t) is VTensor and (t._value is None or t._vstorage.value is None):
+            return False
+    return True
