@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 # Real time (s) a silent observer may keep the clock from jumping, and a handing-off actor waits
 # for a woken thread that went silent (it may be blocked where the emulator cannot see).
-_GRACE = 0.05
+_GRACE = 1.0
 # Real time (s) after which a silent actor counts as blocked where the emulator cannot see (a C-level
 # lock, a socket): a safety net against deadlock, counted in `stalls`.
-_ACTOR_GRACE = 0.5
+_ACTOR_GRACE = 10.0
 # Real time (s) between re-checks of a blocked thread.
 _POLL = 0.01
 

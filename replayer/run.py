@@ -58,6 +58,7 @@ class EmulationResult:
     op_signatures: int
     trace_dir: Path | None
     cost_model: str
+    clock_stalls: int = 0  # times the clock moved on a real-time guess (a thread blocked where it cannot see)
 
     @property
     def warp(self) -> float:
@@ -135,6 +136,7 @@ def emulate(
         op_signatures=len(emu.dispatcher.signatures),
         trace_dir=out,
         cost_model=cost.describe(),
+        clock_stalls=emu.clock.stalls,
     )
     if out is not None:
         _write_trace(out, emu, config, workload, model_config, result, started)

@@ -250,6 +250,7 @@ def _figures(result, plan) -> dict:
         synthesized=result.synthesized,
         ops=result.ops,
         op_signatures=result.op_signatures,
+        clock_stalls=result.clock_stalls,
         trace=str(result.trace_dir) if result.trace_dir else None,
     )
     return figures
@@ -289,6 +290,7 @@ def _print_table(f: dict, plan) -> None:
         ),
         ("synthesized values", f"{f['synthesized_values']} {_synth(f['synthesized'])}"),
         ("ops", f"{f['ops']:,} ({f['op_signatures']:,} distinct signatures)"),
+        ("clock stalls", f"{f['clock_stalls']} (virtual time moved on a real-time guess; 0 is exact)"),
         ("cost model", f["cost_model"]),
         ("trace", f["trace"] or "-"),
     ]
