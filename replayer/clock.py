@@ -80,18 +80,10 @@ class Clock:
         self._threads: dict[int, _Thread] = {}
         self._heap: list[_Sleeper] = []
         self._seq = itertools.count()
-        self._exempt: set[int] = set()
         self._held = 0  # threads inside slow emulator work (see `hold`)
         self._starting = 0  # threads being started: not registered yet, but about to run
 
     # -- threads -------------------------------------------------------------------------------
-
-    def exempt(self, thread: threading.Thread) -> None:
-        """Leave a thread of the tool's own (a progress bar) on real time."""
-        self._exempt.add(thread.ident)
-
-    def is_exempt(self) -> bool:
-        return threading.get_ident() in self._exempt
 
     def _me(self) -> _Thread:
         ident = threading.get_ident()

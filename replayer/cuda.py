@@ -71,7 +71,7 @@ def make_stream_class(emu: Emulator):
             emu.clock.stream_wait(self.stream_id, emu.clock.streams.get(stream.stream_id, 0.0))
 
         def record_event(self, event=None):
-            event = event or emu.torch_cuda.Event()
+            event = event or torch.cuda.Event()
             event.record(self)
             return event
 

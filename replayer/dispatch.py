@@ -128,10 +128,7 @@ class Dispatcher:
 
     def dispatch(self, func: OpOverload, args: tuple, kwargs: dict | None) -> Any:
         """Every op on a virtual tensor: a few have their own rules, the rest take the generic path."""
-        special = _SPECIAL_IDS.get(id(func))
-        if special is not None:
-            return special(self, func, args, kwargs or {})
-        return self.run(func, args, kwargs or _NO_KWARGS)
+        return self.torch_dispatch(func, None, args, kwargs)
 
     def torch_dispatch(self, func: OpOverload, types, args: tuple = (), kwargs: dict | None = None) -> Any:
         """`VTensor.__torch_dispatch__` while this dispatcher's emulator is active (one call level less)."""

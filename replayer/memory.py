@@ -13,10 +13,6 @@ _ROUND = 512
 CONTEXT_BYTES = 500 * 2**20
 
 
-def _rounded(nbytes: int) -> int:
-    return (nbytes + _ROUND - 1) // _ROUND * _ROUND
-
-
 class Allocator:
     """Counts the bytes of live virtual storages; raises `torch.cuda.OutOfMemoryError` past capacity."""
 

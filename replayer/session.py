@@ -109,7 +109,6 @@ class Emulator:
         self._iteration: int | None = None
         self._iteration_open: dict | None = None
         self._patch = Patcher()
-        self.torch_cuda = torch.cuda
 
     # -- activation ------------------------------------------------------------------------------
 

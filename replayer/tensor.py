@@ -145,10 +145,3 @@ def meta_of(t: torch.Tensor) -> torch.Tensor:
         base = torch.empty(elems, dtype=t.dtype, device="meta")
         return base.as_strided(t.shape, t.stride(), t.storage_offset())
     return t.to("meta")
-
-
-def host_value(t: torch.Tensor) -> torch.Tensor | None:
-    """The CPU value behind a tensor argument: a plain tensor is its own value."""
-    if isinstance(t, VTensor):
-        return t.value()
-    return t

@@ -39,11 +39,8 @@ def install(emu: Emulator, patch: Patcher) -> None:
 
     def reader(name):
         base = bases[name]
-        real = _real[name]
 
         def read():
-            if clock.is_exempt():
-                return real()
             return base + clock.read()
 
         read.__name__ = name
@@ -51,25 +48,20 @@ def install(emu: Emulator, patch: Patcher) -> None:
 
     def reader_ns(name):
         base = bases[name]
-        real = _real[name + "_ns"]
 
         def read_ns():
-            if clock.is_exempt():
-                return real()
             return int((base + clock.read()) * 1e9)
 
         read_ns.__name__ = name + "_ns"
         return read_ns
 
     def sleep(seconds):
-        if clock.is_exempt():
-            return _real["sleep"](seconds)
         if seconds < 0:
             raise ValueError("sleep length must be non-negative")
         clock.sleep(seconds)
 
     def wait(self, timeout=None):
-        if clock.is_exempt() or not emu.active:
+        if not emu.active:
             return _real_wait(self, timeout)
         if not self._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
@@ -109,7 +101,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
                 pass
 
     def join(self, timeout=None):
-        if clock.is_exempt() or not emu.active or not self.is_alive() or self is threading.current_thread():
+        if not emu.active or not self.is_alive() or self is threading.current_thread():
             return _real_join(self, timeout)
         deadline = None if timeout is None else clock.now + timeout
         clock.block(deadline, None, poll=lambda: not self.is_alive())
@@ -117,7 +109,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
             _real_join(self)
 
     def start(self):
-        if clock.is_exempt() or not emu.active:
+        if not emu.active:
             return _real_start(self)
         clock.start_thread(self, _real_start)
 
