@@ -211,17 +211,39 @@ def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
                 out=plan["out"],
                 on_result=on_result,
             )
-    except torch.cuda.OutOfMemoryError as e:
-        _fail(
-            f"out of memory on the virtual {plan['spec'].name}: {plan['model']} does not fit "
-            f"({str(e).splitlines()[0]})",
-            _RUN_FAILED,
-        )
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        # The engine may wrap the OutOfMemoryError it caught in its own error (hf-cb does).
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "CUDA out of memory" not in str(e):
+            raise
+        _fail(_oom_message(e, plan), _RUN_FAILED)
     figures = _figures(result, plan)
     if as_json:
         out_console.print_json(json.dumps(figures))
     else:
         _print_table(figures, plan)
+
+
+def _oom_message(error: Exception, plan: dict) -> str:
+    import torch
+
+    from revati.hardware import GPUS
+    from revati.models import param_bytes
+
+    spec = plan["spec"]
+    weights = param_bytes(plan["model_config"], getattr(torch, plan["dtype"]))
+    detail = str(error).splitlines()[0]
+    if weights > spec.memory_bytes:
+        roomy = [key for key, g in GPUS.items() if g.memory_bytes > 1.1 * weights]
+        hint = f"a GPU with more memory ({', '.join(roomy)})" if roomy else "tensor parallelism"
+        return (
+            f"out of memory on the virtual {spec.name}: {plan['model']} does not fit, its weights alone take "
+            f"{weights / 2**30:.1f} GiB in {plan['dtype']} and the GPU has "
+            f"{spec.memory_bytes / 2**30:.1f} GiB; try {hint}. {detail}"
+        )
+    return (
+        f"out of memory on the virtual {spec.name} while serving {plan['model']} "
+        f"(weights {weights / 2**30:.1f} GiB of {spec.memory_bytes / 2**30:.1f} GiB). {detail}"
+    )
 
 
 def _figures(result, plan) -> dict:
