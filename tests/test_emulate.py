@@ -89,3 +89,36 @@ def test_the_trace_has_one_row_per_request_and_an_iteration_per_step(tmp_path):
     run = read_table(tmp_path / "trace", "run").to_pylist()[0]
     assert (run["source"], run["device_kind"], run["complete"]) == ("emulated", "h100", True)
     assert result.trace_dir == tmp_path / "trace"
+
+
+@pytest.mark.slow
+def test_llama_70b_emulates_on_a_b200_in_little_host_memory(tmp_path):
+    import json
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    revati = Path(sys.executable).with_name("revati")
+    cmd = [
+        str(revati),
+        "emulate",
+        "--model",
+        "llama-3.1-70b",
+        "--gpu",
+        "b200",
+        "--json",
+        "--out",
+        str(tmp_path / "t"),
+    ]
+    cmd += ["--workload", "poisson:rate=2,n=3,prompt=fixed(256),output=fixed(4)"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)
+    weights = param_bytes(load_config("llama-3.1-70b"), torch.bfloat16)
+    assert figures["weights_memory_gib"] * 2**30 == pytest.approx(weights, rel=0.01)  # 141 GB of weights
+    assert (
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 2**20
+    )  # KiB: under 2 GiB of host memory
