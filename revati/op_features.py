@@ -116,7 +116,14 @@ def launches_kernel(func: OpOverload | OpOverloadPacket | str) -> bool:
     """Whether an op runs any kernel; False for views, metadata changes and allocations (module doc)."""
     if isinstance(func, OpOverload):
         return _overload_launches(func)
-    packet = func if isinstance(func, OpOverloadPacket) else _packet(canonical_op(func))
+    if isinstance(func, OpOverloadPacket):
+        return _packet_launches(func)
+    return _key_launches(func)
+
+
+@functools.cache
+def _key_launches(key: str) -> bool:
+    packet = _packet(canonical_op(key))
     return packet is None or _packet_launches(packet)
 
 
