@@ -109,19 +109,31 @@ def emulate(
         seed=config.seed,
     )
     started = time.time()
+    writer = None
     with emu:
         model = build_model(model_config, "cuda", _dtype(config.dtype))
         weights = emu.allocator.allocated
         if on_model is not None:
             on_model(weights)
-        wall0 = _real_perf_counter()
-        clock0 = emu.clock.read()
-        results = run_engine(
-            config.engine, model, workload.requests, observer=emu, on_result=on_result, **config.options
-        )
-        torch.cuda.synchronize()
-        wall = _real_perf_counter() - wall0
-        virtual = emu.clock.read() - clock0
+        if out is not None:  # opened once the weights fit: a model that cannot load leaves no trace behind
+            writer = TraceWriter(out, f"emu-{uuid.uuid4().hex[:12]}")
+            run_row = _run_row(emu, config, workload, model_config, started)
+            writer.write_run(run_row)
+            emu.ops_sink = lambda: writer.append("ops", emu.take_op_rows())
+        try:
+            wall0 = _real_perf_counter()
+            clock0 = emu.clock.read()
+            results = run_engine(
+                config.engine, model, workload.requests, observer=emu, on_result=on_result, **config.options
+            )
+            torch.cuda.synchronize()
+            wall = _real_perf_counter() - wall0
+            virtual = emu.clock.read() - clock0
+        except BaseException:
+            if writer is not None:  # what was written stays readable; the run row says it is incomplete
+                writer.append("iterations", emu.iterations)
+                writer.close(complete=False)
+            raise
         del model
     metrics = summarize(results)
     result = EmulationResult(
@@ -138,52 +150,49 @@ def emulate(
         cost_model=cost.describe(),
         clock_stalls=emu.clock.stalls,
     )
-    if out is not None:
-        _write_trace(out, emu, config, workload, model_config, result, started)
+    if writer is not None:
+        writer.append("ops", emu.take_op_rows())
+        writer.append("iterations", emu.iterations)
+        writer.append("requests", [_request_row(r) for r in result.results])
+        extra = {
+            "cost_model": result.cost_model,
+            "virtual_seconds": result.virtual_seconds,
+            "wall_seconds": result.wall_seconds,
+            "peak_memory": result.peak_memory,
+            "synthesized": result.synthesized,
+            "clock_stalls": result.clock_stalls,
+            "options": config.options,
+        }
+        writer.write_run({**run_row, "extra": json.dumps(extra)})
+        writer.close(complete=True)
     return result
 
 
-def _write_trace(out: Path, emu: Emulator, config, workload, model_config, result, started) -> None:
-    run_id = f"emu-{uuid.uuid4().hex[:12]}"
+def _run_row(
+    emu: Emulator, config: EmulationConfig, workload: Workload, model_config, started: float
+) -> dict:
     spec = emu.gpu
-    with TraceWriter(out, run_id) as writer:
-        writer.write_run(
-            {
-                "source": "emulated",
-                "started_at": _utc(started),
-                "complete": False,
-                "device_kind": spec.key,
-                "device_name": spec.name,
-                "sm_count": spec.sm_count,
-                "memory_bytes": spec.memory_bytes,
-                "torch_version": torch.__version__,
-                "cuda_version": "12.8",
-                "driver_version": None,
-                "engine": config.engine,
-                "model": config.model,
-                "model_config": model_config.to_json_string(use_diff=False),
-                "tp": 1,
-                "pp": 1,
-                "workload": workload.spec,
-                "host_time_mode": config.host_time,
-                "profile": config.profile,
-                "extra": json.dumps(
-                    {
-                        "cost_model": result.cost_model,
-                        "virtual_seconds": result.virtual_seconds,
-                        "wall_seconds": result.wall_seconds,
-                        "peak_memory": result.peak_memory,
-                        "synthesized": result.synthesized,
-                        "options": config.options,
-                    }
-                ),
-            }
-        )
-        if emu.ops:
-            writer.append("ops", emu.op_rows())
-        if emu.iterations:
-            writer.append("iterations", emu.iterations)
-        writer.append("requests", [_request_row(r) for r in result.results])
+    return {
+        "source": "emulated",
+        "started_at": _utc(started),
+        "complete": False,
+        "device_kind": spec.key,
+        "device_name": spec.name,
+        "sm_count": spec.sm_count,
+        "memory_bytes": spec.memory_bytes,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "driver_version": None,
+        "engine": config.engine,
+        "model": config.model,
+        "model_config": model_config.to_json_string(use_diff=False),
+        "tp": 1,
+        "pp": 1,
+        "workload": workload.spec,
+        "host_time_mode": config.host_time,
+        "profile": config.profile,
+        "extra": json.dumps({"cost_model": emu.cost.describe(), "options": config.options}),
+    }
 
 
 def _request_row(r: RequestResult) -> dict:

@@ -28,6 +28,7 @@ from revati.hardware import GpuSpec
 # (iterations and requests only). A real workload makes millions of ops.
 OPS_MODES = ("all", "sample", "none")
 SAMPLE_EVERY = 20
+FLUSH_OPS = 200_000  # logged ops kept in memory before they go to the trace as a Parquet part
 
 _CURRENT: Emulator | None = None
 _LIBRARY: torch.library.Library | None = None
@@ -102,6 +103,7 @@ class Emulator:
         self.ops_mode = ops
         self._log_ops = ops == "all"
         self.ops: list[tuple] = []
+        self.ops_sink = None  # called with the log full, between engine steps: writes it out
         self.iterations: list[dict] = []
         self.graph_replays = 0
         self.active = False
@@ -222,6 +224,8 @@ class Emulator:
         self.iterations.append(row)
         self._iteration_open = None
         self._iteration = None
+        if self.ops_sink is not None and len(self.ops) >= FLUSH_OPS:
+            self.ops_sink()  # between engine steps, off the hot path: bounded memory, crash-safe parts
         self._log_ops = self.ops_mode == "all"
 
     # -- reporting -------------------------------------------------------------------------------
@@ -229,12 +233,13 @@ class Emulator:
     def synthesized(self) -> dict[str, int]:
         return dict(self.oracle.synthesized)
 
-    def op_rows(self) -> dict[str, list]:
-        """The op log as columns of the trace's `ops` table."""
+    def take_op_rows(self) -> dict[str, list]:
+        """The op log so far as columns of the trace's `ops` table; the log starts empty again."""
         sigs = self.dispatcher.signatures
-        if not self.ops:
+        logged, self.ops = self.ops, []
+        if not logged:
             return {}
-        op_id, sid, host, hdur, start, dur, stream, it = (list(c) for c in zip(*self.ops, strict=True))
+        op_id, sid, host, hdur, start, dur, stream, it = (list(c) for c in zip(*logged, strict=True))
         used = [sigs[i] for i in sid]
         n = len(op_id)
         return {

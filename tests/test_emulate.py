@@ -122,3 +122,24 @@ def test_llama_70b_emulates_on_a_b200_in_little_host_memory(tmp_path):
     assert (
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 2**20
     )  # KiB: under 2 GiB of host memory
+
+
+def test_a_run_that_fails_midway_leaves_a_readable_trace_marked_incomplete(tmp_path, monkeypatch):
+    import revati.engines
+
+    def failing_engine(name, model, requests, *, observer=None, on_result=None, **options):
+        import torch
+
+        ids = torch.tensor([[3, 4, 5]], device="cuda")
+        for _ in range(3):
+            observer.iteration_start("decode", 1, 1, 3)
+            model(ids)
+            observer.iteration_end()
+        raise RuntimeError("the engine fell over")
+
+    monkeypatch.setattr(revati.engines, "run_engine", failing_engine)
+    with pytest.raises(RuntimeError, match="fell over"):
+        _run("hf-generate", _workload((0.0, 16, 2)), out=tmp_path / "trace")
+    run = read_table(tmp_path / "trace", "run").to_pylist()[0]
+    assert run["complete"] is False
+    assert len(read_table(tmp_path / "trace", "iterations")) == 3
