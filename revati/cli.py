@@ -74,6 +74,9 @@ def emulate(
     out: Path | None = typer.Option(None, help="Trace directory to write (default: runs/emu-<time>)."),
     ops: str = typer.Option("sample", help="Op rows the trace keeps: all, sample (1 step in 20) or none."),
     dtype: str = typer.Option("bfloat16", help="Weights and activations dtype."),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="An engine option KEY=VALUE, repeatable (e.g. -o batch_size=16)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     """Run real serving code on a virtual GPU and report how fast it would serve."""
@@ -84,9 +87,31 @@ def emulate(
         if ops not in ("all", "sample", "none"):
             raise BadInput(f"--ops must be all, sample or none, not {ops!r}")
         plan = _plan(engine, model, gpu, workload, profile, host_time, out, dtype)
+        plan["options"] = _engine_options(engine, option)
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
     _run_emulation(plan, ops, as_json)
+
+
+def _engine_options(engine: str, pairs: list[str]) -> dict:
+    """`-o key=value` pairs checked against the engine's own options; values parsed as Python literals."""
+    import ast
+
+    from revati.engines import engine_options
+
+    known = engine_options(engine)
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in known:
+            raise BadInput(
+                f"--option {pair!r}: {engine} takes KEY=VALUE with KEY one of {', '.join(known) or '(none)'}"
+            )
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text  # a bare word: a string option such as attn_implementation=eager
+    return options
 
 
 def _fail(message: str, code: int) -> None:
@@ -175,6 +200,7 @@ def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
         dtype=plan["dtype"],
         profile=str(plan["profile"]) if plan["profile"] else None,
         ops=ops,
+        options=plan["options"],
     )
     work = plan["workload"]
     progress = Progress(

@@ -245,3 +245,25 @@ def test_model_that_does_not_fit_fails_with_out_of_memory(tmp_path):
     assert "llama-3.1-70b" in lines[0]
     assert "NVIDIA L40S" in lines[0]
     assert not out.exists()
+
+
+def test_engine_options_reach_the_engine_and_unknown_ones_are_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from revati.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["emulate", "--engine", "hf-generate", "--model", "tiny-llama", "-o", "nope=1",
+                              "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert bad.exit_code == 2
+    assert "batch_size" in bad.output and not (tmp_path / "bad").exists()
+    work = "poisson:rate=inf,n=4,prompt=fixed(16),output=fixed(4)"
+    runs = {}
+    for size in (1, 4):
+        result = runner.invoke(app, ["emulate", "--engine", "hf-generate", "--model", "tiny-llama", "--json",
+                                     "-o", f"batch_size={size}", "--workload", work,
+                                     "--out", str(tmp_path / f"b{size}")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[size] = json.loads(result.stdout)
+    # one request at a time: the last one waits for three others; all four at once: nobody waits
+    assert runs[1]["ttft_p99_ms"] > 2 * runs[4]["ttft_p99_ms"]
