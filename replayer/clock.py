@@ -53,6 +53,7 @@ class _Thread:
     last_exit: float = 0.0
     stream: int = 0
     capture: object = None  # the CUDA graph this thread is capturing into
+    woken: list = field(default_factory=list)  # threads this actor woke, to run before it goes on
 
 
 @dataclass(order=True)
@@ -174,6 +175,12 @@ class Clock:
                 self._await_block(s.state)
         self.now = max(self.now, target)
 
+    def _let_woken_run(self, me: _Thread) -> None:
+        """With the lock held: wait until the threads `me` woke have blocked again (or gone quiet)."""
+        woken, me.woken = me.woken, []
+        for st in woken:
+            self._await_block(st)
+
     def _await_block(self, other: _Thread) -> None:
         while not other.blocked and other.thread.is_alive():
             _real_wait(self._cv, _POLL)
@@ -189,6 +196,8 @@ class Clock:
             me = self._threads.get(_get_ident())
             if me is None:
                 me = self._me()
+            if me.woken:
+                self._let_woken_run(me)
             me.actor = True
             me.last_contact = _real_monotonic()  # a launching actor is busy, not stalled (_ACTOR_GRACE)
             host = self.now
@@ -291,10 +300,15 @@ class Clock:
     def unblock(self, ident_lock: threading.Lock) -> None:
         """A notifier released `ident_lock`: its owner is runnable from now on (before it even runs)."""
         with self._cv:
+            me = self._threads.get(_get_ident())
             for st in self._threads.values():
                 if st.wake is ident_lock and st.blocked:
                     st.blocked = False
                     st.last_contact = _real_monotonic()
+                    if me is not None and me.actor and st is not me:
+                        # An actor woke it (a token handed to a server loop): the woken thread runs at
+                        # this virtual time, before the actor's next launch moves the clock on.
+                        me.woken.append(st)
 
     def _wake(self, st: _Thread, timed_out: bool) -> None:
         if not st.blocked:
