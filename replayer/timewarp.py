@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import selectors
+import socket
 import threading
 import time
+import weakref
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -122,6 +124,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(threading.Thread, "start", start)
     patch.set(threading.Thread, "join", join)
     patch.set(threading, "_time", time.monotonic)
+    _install_loopback_accounting(patch)
     patch.set(queue, "time", time.monotonic)
     # The C SimpleQueue blocks where the clock cannot see (thread pools wait on one for work); the pure
     # Python one waits on a condition, in virtual time. Queues made while emulating get it.
@@ -129,6 +132,79 @@ def install(emu: Emulator, patch: Patcher) -> None:
     old_policy = asyncio.get_event_loop_policy()
     patch.on_restore(lambda: asyncio.set_event_loop_policy(old_policy))
     asyncio.set_event_loop_policy(_VirtualPolicy(emu))
+
+
+class _Loopback:
+    """Bytes sent over loopback sockets and not yet received: a server and its load generator in this
+    process talk through the kernel, and a byte in flight must arrive at the virtual instant it was sent
+    (the loop may not idle, and time may not move, while one is on its way)."""
+
+    in_flight = 0
+    _lock = threading.Lock()
+    _peers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def counts(cls, sock) -> bool:
+        local = cls._peers.get(sock)
+        if local is None:
+            try:
+                host = sock.getpeername()[0]
+            except (OSError, IndexError, TypeError):
+                return False
+            local = cls._peers[sock] = host in ("127.0.0.1", "::1", "localhost")
+        return local
+
+    @classmethod
+    def add(cls, n: int) -> None:
+        with cls._lock:
+            cls.in_flight = max(0, cls.in_flight + n)
+
+
+_LOOPBACK_WAIT = 0.05  # s of real time at most, for bytes that never come (a peer in another process)
+
+
+def _await_loopback_bytes(sel) -> list:
+    waited = 0.0
+    while _Loopback.in_flight > 0 and waited < _LOOPBACK_WAIT:
+        ready = sel.select(0.001)
+        if ready:
+            return ready
+        waited += 0.001
+    return []
+
+
+def _install_loopback_accounting(patch: Patcher) -> None:
+    real_send, real_sendall = socket.socket.send, socket.socket.sendall
+    real_recv, real_recv_into = socket.socket.recv, socket.socket.recv_into
+
+    def send(self, data, *args):
+        n = real_send(self, data, *args)
+        if n and _Loopback.counts(self):
+            _Loopback.add(n)
+        return n
+
+    def sendall(self, data, *args):
+        real_sendall(self, data, *args)
+        if _Loopback.counts(self):
+            _Loopback.add(len(data))
+
+    def recv(self, *args):
+        data = real_recv(self, *args)
+        if data and _Loopback.counts(self):
+            _Loopback.add(-len(data))
+        return data
+
+    def recv_into(self, *args):
+        n = real_recv_into(self, *args)
+        if n and _Loopback.counts(self):
+            _Loopback.add(-n)
+        return n
+
+    patch.set(socket.socket, "send", send)
+    patch.set(socket.socket, "sendall", sendall)
+    patch.set(socket.socket, "recv", recv)
+    patch.set(socket.socket, "recv_into", recv_into)
+    _Loopback.in_flight = 0
 
 
 class _VirtualSelector(selectors.BaseSelector):
@@ -161,6 +237,9 @@ class _VirtualSelector(selectors.BaseSelector):
     def select(self, timeout=None):
         ready = self._sel.select(0)
         if ready or (timeout is not None and timeout <= 0):
+            return ready
+        ready = _await_loopback_bytes(self._sel)
+        if ready:
             return ready
         clock = self._emu.clock
         deadline = None if timeout is None else clock.now + timeout

@@ -27,7 +27,7 @@ def _workload(*requests: tuple[float, int, int]) -> Workload:
     return Workload("test", reqs)
 
 
-@pytest.mark.parametrize("engine", ["hf-generate", "hf-cb"])
+@pytest.mark.parametrize("engine", ["hf-generate", "hf-cb", "hf-serve"])
 def test_every_request_gets_exactly_its_output_length(engine):
     work = parse_workload("poisson:rate=20,n=6,prompt=uniform(8,40),output=uniform(2,12),seed=3")
     result = _run(engine, work)
@@ -40,7 +40,7 @@ def test_every_request_gets_exactly_its_output_length(engine):
     assert result.synthesized.get("aten::argmax", 0) > 0  # token ids came from the oracle
 
 
-@pytest.mark.parametrize("engine", ["hf-generate", "hf-cb"])
+@pytest.mark.parametrize("engine", ["hf-generate", "hf-cb", "hf-serve"])
 def test_deterministic_mode_is_bit_identical_across_runs(engine):
     work = parse_workload("poisson:rate=10,n=5,prompt=uniform(8,32),output=uniform(2,8),seed=1")
     first, second = _run(engine, work), _run(engine, work)
@@ -58,6 +58,19 @@ def test_a_request_arriving_while_the_engine_is_busy_waits(engine):
     assert ttft["1"] > ttft["2"]
     if engine == "hf-generate":  # static batches: request 1 waits for request 0's whole batch
         assert result["1"].token_times[0] > result["0"].token_times[-1]
+
+
+def test_served_tokens_reach_the_client_one_engine_step_apart():
+    # Server and load generator talk over loopback: each token must reach the client at the virtual
+    # time its step ended, not in a clump when the engine next goes idle.
+    work = _workload((0.0, 16, 6), (0.5, 16, 6))
+    served = {r.request_id: r.token_times for r in _run("hf-serve", work).results}
+    batched = {r.request_id: r.token_times for r in _run("hf-cb", work).results}
+    for request_id, times in served.items():
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert min(gaps) > 0
+        steps = [b - a for a, b in zip(batched[request_id], batched[request_id][1:], strict=False)]
+        assert gaps == pytest.approx(steps, rel=0.05)
 
 
 def test_idle_time_between_arrivals_costs_no_wall_time():
