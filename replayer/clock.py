@@ -54,6 +54,9 @@ class _Thread:
     stream: int = 0
     capture: object = None  # the CUDA graph this thread is capturing into
     woken: list = field(default_factory=list)  # threads this actor woke, to run before it goes on
+    # An observer's own time: the virtual instant it was woken. It consumes no time while it runs, so
+    # what it reads and the deadlines it sets do not depend on how fast it is scheduled for real.
+    local: float | None = None
 
 
 @dataclass(order=True)
@@ -136,7 +139,15 @@ class Clock:
             if self.wall and st.actor:
                 self._advance_locked(self.now + self._real_since_exit(st), st)
                 st.last_exit = _real_monotonic()
-            return self.now
+            return self._time_of(st)
+
+    def _time_of(self, st: _Thread) -> float:
+        return st.local if st.local is not None and not st.actor else self.now
+
+    def thread_now(self) -> float:
+        """The calling thread's virtual time: its wake-up instant for an observer, else host time."""
+        with self._cv:
+            return self._time_of(self._me())
 
     def _real_since_exit(self, st: _Thread) -> float:
         return max(0.0, _real_monotonic() - st.last_exit)
@@ -255,7 +266,7 @@ class Clock:
 
     def sleep(self, seconds: float) -> None:
         """Block the calling thread until host time has advanced by `seconds`."""
-        self.block(self.now + max(0.0, seconds), None)
+        self.block(self.thread_now() + max(0.0, seconds), None)
 
     def block(self, deadline: float | None, wake: threading.Lock | None, poll=None) -> bool:
         """Block until `deadline` (virtual; None = no deadline) or until `wake` is released by a notifier.
@@ -305,6 +316,7 @@ class Clock:
                 if st.wake is ident_lock and st.blocked:
                     st.blocked = False
                     st.last_contact = _real_monotonic()
+                    st.local = self._time_of(me) if me is not None else self.now
                     if me is not None and me.actor and st is not me:
                         # An actor woke it (a token handed to a server loop): the woken thread runs at
                         # this virtual time, before the actor's next launch moves the clock on.
@@ -315,6 +327,7 @@ class Clock:
             return
         st.blocked, st.timed_out = False, timed_out
         st.last_contact = _real_monotonic()
+        st.local = max(st.deadline, self.now) if timed_out and st.deadline is not None else self.now
         if st.wake is not None:
             try:
                 st.wake.release()

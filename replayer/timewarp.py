@@ -76,7 +76,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
             if timeout is not None and timeout <= 0:
                 woken = waiter.acquire(False)
             else:
-                deadline = None if timeout is None else clock.now + timeout
+                deadline = None if timeout is None else clock.thread_now() + timeout
                 woken = clock.block(deadline, waiter)
             return woken
         finally:
@@ -105,7 +105,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
     def join(self, timeout=None):
         if not emu.active or not self.is_alive() or self is threading.current_thread():
             return _real_join(self, timeout)
-        deadline = None if timeout is None else clock.now + timeout
+        deadline = None if timeout is None else clock.thread_now() + timeout
         clock.block(deadline, None, poll=lambda: not self.is_alive())
         if not self.is_alive():
             _real_join(self)
@@ -242,7 +242,7 @@ class _VirtualSelector(selectors.BaseSelector):
         if ready:
             return ready
         clock = self._emu.clock
-        deadline = None if timeout is None else clock.now + timeout
+        deadline = None if timeout is None else clock.thread_now() + timeout
         lock = threading.Lock()
         lock.acquire()
         self.wake = lock

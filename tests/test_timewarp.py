@@ -254,3 +254,26 @@ def test_a_deterministic_run_is_bit_identical_when_repeated(emulate):
     second = _workload(emulate)
     assert len(first[0]) == 5 and len(first[1]) > 20
     assert first == second
+
+
+def test_an_observer_reads_the_instant_it_was_woken_however_long_it_really_runs(emulate):
+    # An observer (a thread that never launches device work) consumes no virtual time: however slow it is
+    # in real time, it reads the instant it woke, and the deadline it sets next counts from there.
+    emulate()
+    seen = []
+
+    def observer():
+        time.sleep(1.0)
+        seen.append(time.monotonic())
+        busy_until = _real_perf_counter() + 0.05
+        while _real_perf_counter() < busy_until:  # real work, no virtual time
+            pass
+        seen.append(time.monotonic())
+        time.sleep(0.5)
+        seen.append(time.monotonic())
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=observer)
+    worker.start()
+    worker.join()
+    assert [s - t0 for s in seen] == [1.0, 1.0, 1.5]
