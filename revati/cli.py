@@ -82,6 +82,22 @@ def emulate(
     """Run real serving code on a virtual GPU and report how fast it would serve."""
     try:
         if ctx.args:
+            given = {
+                "--engine": engine != "hf-cb",
+                "--model": model != "llama-3.1-8b",
+                "--workload": workload != DEFAULT_WORKLOAD,
+                "--profile": profile is not None,
+                "--out": out is not None,
+                "--option": bool(option),
+                "--json": as_json,
+            }
+            unused = [flag for flag, set_ in given.items() if set_]
+            if unused:
+                verb = "does" if len(unused) == 1 else "do"
+                raise BadInput(
+                    f"{', '.join(unused)} {verb} not apply to a script run (`revati emulate -- python ...`): "
+                    "the script builds its own model and workload; only --gpu and --host-time do"
+                )
             _emulate_script(ctx.args, gpu, host_time)
             return
         if ops not in ("all", "sample", "none"):

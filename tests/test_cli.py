@@ -267,3 +267,15 @@ def test_engine_options_reach_the_engine_and_unknown_ones_are_refused(tmp_path):
         runs[size] = json.loads(result.stdout)
     # one request at a time: the last one waits for three others; all four at once: nobody waits
     assert runs[1]["ttft_p99_ms"] > 2 * runs[4]["ttft_p99_ms"]
+
+
+def test_serving_options_given_with_a_script_are_refused_not_ignored(tmp_path):
+    from typer.testing import CliRunner
+
+    from revati.cli import app
+
+    script = tmp_path / "s.py"
+    script.write_text("import torch\nprint(torch.cuda.get_device_name())\n")
+    result = CliRunner().invoke(app, ["emulate", "--model", "tiny-llama", "--", "python", str(script)])
+    assert result.exit_code == 2
+    assert "--model does not apply to a script run" in result.output
