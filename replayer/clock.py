@@ -202,7 +202,11 @@ class Clock:
     # -- device time ---------------------------------------------------------------------------
 
     def launch(self, duration: float, host_cost: float) -> tuple[float, float, int]:
-        """Issue `duration` of device work on the calling thread's stream; returns (host, start, stream)."""
+        """Issue `duration` of device work on the calling thread's stream; returns (host, start, stream).
+
+        While the thread captures a CUDA graph nothing runs: start is the offset in the graph and the stream
+        comes back as -(stream + 1), so a log can tell captured launches apart at no cost.
+        """
         with self._lock:
             me = self._threads.get(_get_ident())
             if me is None:
@@ -219,6 +223,7 @@ class Clock:
                 graph.duration += duration
                 graph.ops += 1
                 graph.kernels += duration > 0
+                stream = -stream - 1  # a captured launch: start is its offset in the graph (see `launch`)
             else:
                 start = host + self.launch_latency
                 busy = self.streams.get(stream, 0.0)

@@ -348,3 +348,16 @@ def test_reading_a_float_tensor_without_values_gives_zeros_and_is_counted(emulat
     assert host.device.type == "cpu"
     assert torch.equal(host, torch.zeros(200, 200))
     assert emu.synthesized() == {"to_cpu": 200 * 200}
+
+
+def test_ops_captured_into_a_graph_are_marked_in_the_op_log(emulate):
+    emu = emulate(device={"aten::mm": D})
+    a = torch.empty(64, 64, device="cuda")
+    a @ a
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        a @ a
+    rows = emu.take_op_rows()
+    mm = [flag for name, flag in zip(rows["name"], rows["in_graph"], strict=True) if name == "aten::mm"]
+    assert mm == [False, True]
+    assert min(rows["stream"]) >= 0
