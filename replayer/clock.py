@@ -288,6 +288,10 @@ class Clock:
             if deadline is not None and deadline <= self.now:
                 return False
             me.blocked, me.deadline, me.timed_out = True, deadline, False
+            if not self.wall:
+                # Actor until it blocks: a thread that built the model and now only serves HTTP is an
+                # observer again, reading the instant it is woken rather than a clock others move.
+                me.actor = False
             me.wake = wake if wake is not None else _held_lock()
             sleeper = None
             if deadline is not None:
