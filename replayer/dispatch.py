@@ -40,11 +40,7 @@ class DataDependentError(RuntimeError):
 class Signature:
     """What one op signature does: its outputs, cost and aliasing; computed once, then cached."""
 
-    func: OpOverload
     key: str
-    features: dict[str, float]
-    dtype: torch.dtype | None
-    launches: bool
     duration: float
     host: float
     outs: list  # per output: None | ("self", arg) | ("view", arg, Meta) | ("new", Meta) | ("const", value)
@@ -166,16 +162,10 @@ class Dispatcher:
                 clock.release()
             self.cache[key] = sig
         self.ops += 1
-        meta = sig.fast
-        if meta is not None:  # one new output, no value: most kernels
-            out = _wrap(
-                VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
-            )
-            out._d = meta
-            out._vstorage = Storage(meta.nbytes, self.allocator, None)
-            out._value = None
-        elif sig.small_new is not None and not _all_valued(tensors):  # small, but nothing to compute from
-            meta = sig.small_new
+        meta = sig.fast  # one new output, no value: most kernels
+        if meta is None and sig.small_new is not None and not _all_valued(tensors):
+            meta = sig.small_new  # small, but nothing to compute it from
+        if meta is not None:
             out = _wrap(
                 VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
             )
@@ -194,7 +184,7 @@ class Dispatcher:
                 out._value = None
             else:
                 out = self._outputs(sig, func, args, kwargs, tensors)
-        emu = self.emu
+        emu = self.emu  # Emulator.account, inlined: a call less per op
         host, start, stream = self.launch(sig.duration, sig.host)
         if emu._log_ops:
             emu.ops.append(
@@ -287,11 +277,7 @@ class Dispatcher:
         )
         plain = kind is None and outs[0] is not None and outs[0][0] == "new" and not written
         sig = Signature(
-            func=func,
             key=key,
-            features=features,
-            dtype=dtype,
-            launches=launches,
             duration=duration,
             host=cost.host_time(key),
             outs=outs,
@@ -422,8 +408,7 @@ class Dispatcher:
         dtype = op_dtype(args, kwargs)
         cost = self.emu.cost
         sig = Signature(
-            func=func, key=key, features=features, dtype=dtype, launches=True,
-            duration=cost.device_time(key, features, dtype), host=cost.host_time(key),
+            key=key, duration=cost.device_time(key, features, dtype), host=cost.host_time(key),
             outs=[], kind=None, mutated=(), names=[], value_ok=True, fast=None, fast_view=None,
             input_shapes=[list(t.shape) for t in tensors],
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],

@@ -150,13 +150,21 @@ class Emulator:
     # -- the hot path ----------------------------------------------------------------------------
 
     def dispatch(self, func, args, kwargs):
-        if self.clock.wall:
-            st = self.clock.enter()
-            try:
-                return self.dispatcher.dispatch(func, args, kwargs)
-            finally:
-                self.clock.leave(st)
-        return self.dispatcher.dispatch(func, args, kwargs)
+        """An op on a virtual tensor (wall mode: its time is the emulator's, not the serving code's)."""
+        return self._excluded(self.dispatcher.dispatch, func, args, kwargs)
+
+    def factory(self, func, args, kwargs):
+        """A factory call on `cuda` (wall mode: its time is the emulator's, not the serving code's)."""
+        return self._excluded(self.dispatcher.factory, func, args, kwargs)
+
+    def _excluded(self, work, func, args, kwargs):
+        if not self.clock.wall:
+            return work(func, args, kwargs)
+        st = self.clock.enter()
+        try:
+            return work(func, args, kwargs)
+        finally:
+            self.clock.leave(st)
 
     def account(self, sig: Signature) -> None:
         """Advance the clocks for one op and log it."""
@@ -186,7 +194,7 @@ class Emulator:
         """A host-to-device copy of a real CPU tensor."""
         if dtype is not None and dtype != t.dtype:
             t = t.to(dtype)
-        dst = self.dispatcher.factory(
+        dst = self.factory(
             torch.ops.aten.empty_strided.default,
             (t.shape, t.stride()),
             {"dtype": t.dtype, "device": self.device},
@@ -273,7 +281,7 @@ def _register_fallback() -> None:
             raise RuntimeError(
                 f"{op}: PyTorch is not linked with support for cuda devices (no emulator active)"
             )
-        return emu.dispatcher.factory(op, args, kwargs)
+        return emu.factory(op, args, kwargs)
 
     lib = torch.library.Library("_", "IMPL")
     lib.fallback(fallback, dispatch_key="CUDA")
@@ -288,7 +296,7 @@ def _override_cuda_factories(patch: Patcher) -> None:
 
     def factory(op):
         def impl(*args, **kwargs):
-            return current().dispatcher.factory(op, args, kwargs)
+            return current().factory(op, args, kwargs)
 
         return impl
 
