@@ -82,16 +82,8 @@ def emulate(
     """Run real serving code on a virtual GPU and report how fast it would serve."""
     try:
         if ctx.args:
-            given = {
-                "--engine": engine != "hf-cb",
-                "--model": model != "llama-3.1-8b",
-                "--workload": workload != DEFAULT_WORKLOAD,
-                "--profile": profile is not None,
-                "--out": out is not None,
-                "--option": bool(option),
-                "--json": as_json,
-            }
-            unused = [flag for flag, set_ in given.items() if set_]
+            serving = ("engine", "model", "workload", "profile", "out", "ops", "dtype", "option", "as_json")
+            unused = [_flag(ctx, name) for name in serving if _given(ctx, name)]
             if unused:
                 verb = "does" if len(unused) == 1 else "do"
                 raise BadInput(
@@ -107,6 +99,16 @@ def emulate(
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
     _run_emulation(plan, ops, as_json)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _flag(ctx: typer.Context, name: str) -> str:
+    param = next(p for p in ctx.command.params if p.name == name)
+    return max(param.opts, key=len)
 
 
 def _engine_options(engine: str, pairs: list[str]) -> dict:
