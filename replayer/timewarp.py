@@ -23,13 +23,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from replayer.session import Emulator, Patcher
 
-_real = {
-    name: getattr(time, name)
-    for name in ("time", "time_ns", "perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "sleep")
-}
+_real = {name: getattr(time, name) for name in ("time", "perf_counter", "monotonic")}
 _real_wait = threading.Condition.wait
 _real_join = threading.Thread.join
-_real_notify = threading.Condition.notify
 _real_start = threading.Thread.start
 
 
@@ -37,7 +33,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
     """Route the time module, condition waits and new asyncio loops through the virtual clock."""
     clock = emu.clock
     # Whole seconds, rounded up (clocks never run backwards): differences lose no bits to the base.
-    bases = {name: float(int(_real[name]()) + 1) for name in ("time", "perf_counter", "monotonic")}
+    bases = {name: float(int(real()) + 1) for name, real in _real.items()}
 
     def reader(name):
         base = bases[name]
