@@ -131,7 +131,7 @@ def emulate(
             virtual = emu.clock.read() - clock0
         except BaseException:
             if writer is not None:  # what was written stays readable; the run row says it is incomplete
-                writer.append("iterations", emu.iterations)
+                writer.append("iterations", emu.iteration_rows())
                 writer.close(complete=False)
             raise
         del model
@@ -152,7 +152,7 @@ def emulate(
     )
     if writer is not None:
         writer.append("ops", emu.take_op_rows())
-        writer.append("iterations", emu.iterations)
+        writer.append("iterations", emu.iteration_rows())
         writer.append("requests", [_request_row(r) for r in result.results])
         extra = {
             "cost_model": result.cost_model,
@@ -161,6 +161,7 @@ def emulate(
             "peak_memory": result.peak_memory,
             "synthesized": result.synthesized,
             "clock_stalls": result.clock_stalls,
+            "serving_origin": emu.origin,
             "options": config.options,
         }
         writer.write_run({**run_row, "extra": json.dumps(extra)})

@@ -105,6 +105,7 @@ class Emulator:
         self.ops: list[tuple] = []
         self.ops_sink = None  # called with the log full, between engine steps: writes it out
         self.iterations: list[dict] = []
+        self.origin = 0.0  # virtual time when serving started (the engine's t0); trace times count from it
         self.graph_replays = 0
         self.active = False
         self.extra_syncs: Counter[str] = Counter()
@@ -204,6 +205,16 @@ class Emulator:
 
     # -- engine steps (the Observer protocol of revati.engines) ---------------------------------
 
+    def serving_start(self) -> None:
+        """The engine's t0: request times count from here, and so do the trace's (as in a recorded trace)."""
+        self.origin = self.clock.read()
+
+    def iteration_rows(self) -> list[dict]:
+        """The iterations so far, their times in seconds from serving start."""
+        o = self.origin
+        keys = ("host_start", "host_end", "device_start", "device_end")
+        return [{**row, **{k: row[k] - o for k in keys}} for row in self.iterations]
+
     def iteration_start(self, phase: str, batch_size: int, tokens: int, kv_tokens: int) -> None:
         clock = self.clock
         now = clock.read()
@@ -258,12 +269,13 @@ class Emulator:
             "dtypes": [s.input_dtypes for s in used],
             "scalars": [s.scalars for s in used],
             "stream": [x if x >= 0 else -x - 1 for x in stream],
-            "host_start": host,
+            "host_start": [h - self.origin for h in host],
             "host_duration": hdur,
-            "device_start": start,
+            "device_start": [d - self.origin for d in start],
             "device_duration": dur,
             "in_graph": [x < 0 for x in stream],
             "iteration_id": it,
+            "warmup": [h < self.origin for h in host],
             "predicted": [True] * n,
             "extrapolated": [s.extrapolated for s in used],
         }

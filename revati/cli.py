@@ -3,6 +3,7 @@
 revati emulate                                   # the embedded default: hf-cb, Llama-3.1-8B, virtual H100
     revati emulate --model llama-3.1-70b --workload "poisson:rate=1,n=20,prompt=fixed(512),output=fixed(8)"
 revati emulate -- python bench.py --batch 8      # any script, with CUDA virtualized
+revati record --device cuda --runs 3             # the same serving, recorded on a real GPU (or CPU)
 """
 
 from __future__ import annotations
@@ -99,6 +100,252 @@ def emulate(
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
     _run_emulation(plan, ops, as_json)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=(
+        "Examples:\n\n"
+        "  revati record --device cpu --model tiny-llama --engine hf-cb "
+        "--workload 'poisson:rate=8,n=30,prompt=lognormal(64,0.5),output=fixed(16)' --out runs/cpu-a\n\n"
+        "  revati record --device cuda --model llama-3.1-8b --runs 3 --out runs/h100-cb\n\n"
+        "  revati record --device cuda -o use_cuda_graph=True --out runs/h100-graphs\n\n"
+        "  revati record --device cuda -- python bench.py --batch 8"
+    ),
+)
+def record(
+    ctx: typer.Context,
+    engine: str = typer.Option("hf-cb", help="Serving engine: hf-generate, hf-cb or hf-serve."),
+    model: str = typer.Option("llama-3.1-8b", help="A shipped model name or the path of an HF config.json."),
+    device: str = typer.Option("auto", help="Device to record on: cuda, cpu, or auto (cuda when present)."),
+    workload: str = typer.Option(
+        DEFAULT_WORKLOAD, help="Workload spec or trace file (CSV / Parquet / JSONL)."
+    ),
+    out: Path | None = typer.Option(None, help="Trace directory to write (default: runs/rec-<time>)."),
+    runs: int = typer.Option(1, min=1, help="Record the workload this many times, as separate run ids."),
+    warmup: int = typer.Option(2, min=0, help="Requests served unrecorded before recording starts."),
+    dtype: str | None = typer.Option(None, help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU)."),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="An engine option KEY=VALUE, repeatable (e.g. -o use_cuda_graph=True)."
+    ),
+    keep_profile: bool = typer.Option(
+        False, help="Also keep the raw profile as TRACE/profile.json.gz (open it in Perfetto)."
+    ),
+    capture: str = typer.Option(
+        "full",
+        help="full: every op and kernel through torch.profiler; timeline: request and step times only, "
+        "without the profiler's cost (ground truth for latencies).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+) -> None:
+    """Serve a workload on the real device (CUDA or CPU); trace every op, kernel, step and request."""
+    try:
+        device = _device(device)
+        if ctx.args:
+            serving = (
+                "engine",
+                "model",
+                "workload",
+                "runs",
+                "warmup",
+                "dtype",
+                "option",
+                "keep_profile",
+                "capture",
+                "as_json",
+            )
+            unused = [_flag(ctx, name) for name in serving if _given(ctx, name)]
+            if unused:
+                raise BadInput(
+                    f"{', '.join(unused)}: not for a script run (`revati record -- python ...`); "
+                    "only --device and --out apply"
+                )
+            _record_script(ctx.args, device, out)
+            return
+        plan = _record_plan(engine, model, device, workload, out, runs, warmup, dtype)
+        plan["options"] = _engine_options(engine, option)
+        plan["keep_profile"] = keep_profile
+        if capture not in ("full", "timeline"):
+            raise BadInput(f"--capture must be 'full' or 'timeline', not {capture!r}")
+        plan["capture"] = capture
+    except BadInput as e:
+        _fail(str(e), _BAD_INPUT)
+    _run_recording(plan, as_json)
+
+
+def _device(name: str) -> str:
+    from recorder.device import DeviceError, check
+
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        check(name)
+    except DeviceError as e:
+        raise BadInput(str(e)) from None
+    return name
+
+
+def _record_plan(engine, model, device, workload_spec, out, runs, warmup, dtype) -> dict:
+    """Validate every input of a recording before anything is built or written."""
+    import torch
+
+    from recorder.run import output_dirs
+    from revati.engines import ENGINES
+    from revati.models import load_config, param_bytes
+    from revati.schema import TraceError
+    from revati.workloads import parse_workload
+
+    if engine not in ENGINES:
+        raise BadInput(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        raise BadInput(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
+    try:
+        model_config = load_config(model)
+        work = parse_workload(workload_spec)
+    except (ValueError, OSError) as e:
+        raise BadInput(str(e)) from None
+    if out is None:
+        out = Path("runs") / f"rec-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; give a directory to write the trace to")
+    try:
+        output_dirs(out, runs)
+    except TraceError as e:
+        raise BadInput(str(e)) from None
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    weights = param_bytes(model_config, getattr(torch, dtype))
+    if device == "cpu":
+        from recorder.device import facts
+
+        memory = facts("cpu")["memory_bytes"]
+        if memory and weights > memory / 2:
+            raise BadInput(
+                f"{model} needs {weights / 2**30:.1f} GiB of weights in {dtype}, more than half of this "
+                f"machine's {memory / 2**30:.1f} GiB; record a smaller model on CPU (e.g. --model tiny-llama)"
+            )
+    return dict(
+        engine=engine, model=model, device=device, model_config=model_config, workload=work, out=out,
+        runs=runs, warmup=warmup, dtype=dtype,
+    )  # fmt: skip
+
+
+def _run_recording(plan: dict, as_json: bool) -> None:
+    from recorder.run import RecordConfig
+    from recorder.run import record as record_runs
+
+    config = RecordConfig(
+        engine=plan["engine"],
+        model=plan["model"],
+        device=plan["device"],
+        dtype=plan["dtype"],
+        runs=plan["runs"],
+        warmup_requests=plan["warmup"],
+        keep_profile=plan["keep_profile"],
+        capture=plan["capture"],
+        options=plan["options"],
+    )
+    work = plan["workload"]
+    progress = Progress(
+        TextColumn("[bold]recording[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("requests · {task.fields[stage]}"),
+        console=err_console,
+        transient=as_json,
+    )
+    task = progress.add_task(
+        f"{plan['engine']} · {plan['model']} · {plan['device']}", total=len(work) * plan["runs"], stage=""
+    )
+    if not as_json:
+        err_console.print(
+            f"[dim]{work.describe()} · {plan['runs']} run(s) → {plan['out']}[/]", highlight=False
+        )
+    with progress:
+        results = record_runs(
+            config,
+            work,
+            plan["out"],
+            plan["model_config"],
+            on_result=lambda _r: progress.update(task, advance=1),
+            on_stage=lambda s: progress.update(task, stage=s),
+        )
+    figures = [_record_figures(r) for r in results]
+    if as_json:
+        out_console.print_json(json.dumps(figures if len(figures) > 1 else figures[0]))
+        return
+    table = Table(
+        title=f"{plan['engine']} · {plan['model']} recorded on {plan['device']}", title_justify="left"
+    )
+    for column in ("run", "TTFT p50 / p99 (ms)", "TPOT p50 (ms)", "E2E p50 (ms)", "tok/s", "ops", "kernels",
+                   "steps", "wall (s)", "trace"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("run", "trace") else "right")
+    for f in figures:
+        table.add_row(
+            f["run_id"],
+            f"{_fmt(f['ttft_p50_ms'])} / {_fmt(f['ttft_p99_ms'])}",
+            _fmt(f["tpot_p50_ms"], 2),
+            _fmt(f["e2e_p50_ms"]),
+            _fmt(f["throughput_tok_s"]),
+            f"{f['ops']:,}",
+            f"{f['kernels']:,}",
+            f"{f['iterations']:,}",
+            f"{f['wall_seconds']:.2f}",
+            f["trace"],
+        )
+    out_console.print(table)
+    if len(figures) > 1:
+        spread = {
+            key: _spread([f[key] for f in figures])
+            for key in ("ttft_p50_ms", "tpot_p50_ms", "e2e_p50_ms", "throughput_tok_s")
+        }
+        text = " · ".join(f"{k.removesuffix('_ms')} {v:.1%}" for k, v in spread.items() if v is not None)
+        out_console.print(f"run-to-run spread ((max − min) / mean): {text}", highlight=False)
+
+
+def _spread(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    if len(values) < 2 or sum(values) == 0:
+        return None
+    return (max(values) - min(values)) / (sum(values) / len(values))
+
+
+def _record_figures(r) -> dict:
+    m = r.metrics
+    figures = {"run_id": r.run_id, "trace": str(r.trace_dir), "requests": m.requests}
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        for p in ("p50", "p90", "p99"):
+            figures[f"{name}_{p}_ms"] = _finite(getattr(getattr(m, name), p) * 1000)
+    figures.update(
+        throughput_tok_s=_finite(m.throughput_tok_s),
+        wall_seconds=r.wall_seconds,
+        serving_seconds=r.serving_seconds,
+        ops=r.ops,
+        kernels=r.kernels,
+        iterations=r.iterations,
+        profiler_events=r.profiler_events,
+        profiler_event_overhead_us=r.event_overhead_us,
+        export_seconds=r.export_seconds,
+    )
+    return figures
+
+
+def _record_script(argv: list[str], device: str, out: Path | None) -> None:
+    from recorder.run import output_dirs, record_script
+    from revati.schema import TraceError
+
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    _check_script(argv, "record")
+    out = out or Path("runs") / f"rec-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        output_dirs(out, 1)
+    except TraceError as e:
+        raise BadInput(str(e)) from None
+    code, trace = record_script(argv, device, out)
+    err_console.print(f"[dim]revati: recorded {' '.join(argv)} on {device} → {trace}[/]", highlight=False)
+    sys.exit(code)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -396,11 +643,11 @@ def _emulate_script(argv: list[str], gpu_name: str, host_time: str) -> None:
     sys.exit(code)
 
 
-def _check_script(argv: list[str]) -> None:
+def _check_script(argv: list[str], verb: str = "emulate") -> None:
     """The script or module to run is named and, for a script, exists."""
     if argv and Path(argv[0]).name.startswith("python"):
         argv = argv[1:]
     if not argv or argv == ["-m"]:
-        raise BadInput("revati emulate --: give a script to run, e.g. `revati emulate -- python bench.py`")
+        raise BadInput(f"revati {verb} --: give a script to run, e.g. `revati {verb} -- python bench.py`")
     if argv[0] != "-m" and not Path(argv[0]).exists():
-        raise BadInput(f"revati emulate --: no such script {argv[0]!r}")
+        raise BadInput(f"revati {verb} --: no such script {argv[0]!r}")

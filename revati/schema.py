@@ -77,6 +77,9 @@ OPS = pa.schema(
         _req("device_duration", _SECONDS),  # sum of the op's kernels
         _req("in_graph", pa.bool_()),  # launched while a CUDA graph was being captured
         _opt("iteration_id", pa.int64()),
+        _req(
+            "warmup", pa.bool_()
+        ),  # ran before serving started (engine set-up, warm-up request, graph capture)
         _req("predicted", pa.bool_()),
         _req("extrapolated", pa.bool_()),
     ]
@@ -143,7 +146,7 @@ TABLES: dict[str, pa.Schema] = {
 
 # Columns a row may leave out although they are required: the writer fills these in.
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "ops": {"in_graph": False, "predicted": False, "extrapolated": False},
+    "ops": {"in_graph": False, "warmup": False, "predicted": False, "extrapolated": False},
 }
 
 _PART_GLOB = "part-*.parquet"
@@ -159,7 +162,7 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
     meta = {b"revati.schema_version": SCHEMA_VERSION.encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     with open(tmp, "wb") as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, compression="zstd")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

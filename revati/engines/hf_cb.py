@@ -11,6 +11,7 @@ shifted to t0.
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import time
@@ -21,7 +22,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedM
 from transformers.generation.continuous_batching import ContinuousBatchingManager
 from transformers.generation.continuous_batching.utils import WorkloadHints
 
-from revati.engines.observer import Observer, Step, observe, phase_of
+from revati.engines.observer import Observer, Step, observe, observe_calls, phase_of, serving_started
 from revati.engines.prompts import WARMUP_REQUEST, prompt_ids
 from revati.metrics import RequestResult
 from revati.workloads import Request
@@ -58,7 +59,7 @@ def run(
     """
     requests = list(requests)
     num_blocks, max_batch_tokens = cache_size(model, requests, page_size, num_blocks, max_batch_tokens)
-    cb_config = ContinuousBatchingConfig(
+    cb_config = cb_config_of(
         page_size=page_size,
         num_blocks=num_blocks,
         max_batch_tokens=max_batch_tokens,
@@ -81,14 +82,23 @@ def run(
             manager.warmup()
             manager.start()
             _serve(manager, [WARMUP_REQUEST], [prompt_ids(WARMUP_REQUEST, model.config)], None)
-            with observe(model, observer, lambda _kwargs: packed_step(manager)):
+            with observe_steps(manager, model, observer):
                 results = _serve(
-                    manager, requests, [prompt_ids(r, model.config) for r in requests], on_result
+                    manager, requests, [prompt_ids(r, model.config) for r in requests], on_result, observer
                 )
         finally:
             manager.stop(block=True)
             manager.destroy()
     return [results[r.request_id] for r in requests]
+
+
+def cb_config_of(**fields) -> ContinuousBatchingConfig:
+    """A ContinuousBatchingConfig on any transformers 5.x: before 5.2x `page_size` was `block_size`, and
+    `seed` / `auto_switch_to_flash` did not exist (those versions neither seed nor switch)."""
+    accepted = inspect.signature(ContinuousBatchingConfig.__init__).parameters
+    if "page_size" not in accepted:
+        fields["block_size"] = fields.pop("page_size")
+    return ContinuousBatchingConfig(**{k: v for k, v in fields.items() if k in accepted})
 
 
 def cache_size(
@@ -119,6 +129,15 @@ def attention(model: PreTrainedModel, implementation: str | None) -> Iterator[No
             model.set_attn_implementation(original)
 
 
+def observe_steps(manager: ContinuousBatchingManager, model: PreTrainedModel, observer: Observer | None):
+    """Observe each engine step: the model runner's `compute_batch` where transformers has one (a CUDA graph
+    replay runs no forward, so forward hooks would miss it), else the model's forward."""
+    runner = getattr(getattr(manager, "batch_processor", None), "model_runner", None)
+    if callable(getattr(runner, "compute_batch", None)):
+        return observe_calls(runner, "compute_batch", observer, lambda _a, _k: packed_step(manager))
+    return observe(model, observer, lambda _kwargs: packed_step(manager))
+
+
 def packed_step(manager: ContinuousBatchingManager) -> Step:
     """The step the generation thread is about to run, from the batch's host-side bookkeeping only.
 
@@ -145,8 +164,10 @@ def _serve(
     requests: list[Request],
     prompts: list[list[int]],
     on_result: Callable[[RequestResult], None] | None,
+    observer: Observer | None = None,
 ) -> dict[str, RequestResult]:
     t0 = time.perf_counter()
+    serving_started(observer)
     arrivals = _Arrivals(manager, requests, prompts, t0)
     arrivals.start()
     by_id = {r.request_id: r for r in requests}

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from revati.engines.observer import Observer, Step, observe
+from revati.engines.observer import Observer, Step, observe, serving_started
 from revati.engines.prompts import WARMUP_REQUEST, prompt_ids, special_token_ids
 from revati.metrics import RequestResult
 from revati.workloads import Request
@@ -44,6 +44,7 @@ def run(
     results: dict[str, RequestResult] = {}
     _generate(model, [WARMUP_REQUEST], time.perf_counter(), do_sample)
     t0 = time.perf_counter()
+    serving_started(observer)
     with observe(model, observer, padded_step):
         while waiting:
             _sleep_until(t0 + waiting[0].arrival)

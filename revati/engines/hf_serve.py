@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from revati.engines.hf_cb import attention, cache_size, packed_step
-from revati.engines.observer import Observer, observe
+from revati.engines.hf_cb import attention, cache_size, observe_steps
+from revati.engines.observer import Observer, serving_started
 from revati.engines.prompts import prompt_ids
 from revati.metrics import RequestResult
 from revati.workloads import Request
@@ -148,8 +148,9 @@ async def _serve(model, requests, flags, do_sample, observer, on_result) -> dict
             await _complete(client, warmup, prompt_ids(warmup, model.config), do_sample, time.perf_counter())
             # The warm-up made the server create its continuous-batching manager (kept in private state).
             manager = serve._generation_state.get_manager(model_key, use_cb=True)._cb
-            with observe(model, observer, lambda _kwargs: packed_step(manager)):
+            with observe_steps(manager, model, observer):
                 t0 = time.perf_counter()
+                serving_started(observer)
                 results = await asyncio.gather(
                     *(
                         _send(client, r, prompt_ids(r, model.config), do_sample, t0, on_result)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any, Protocol
 
 from torch import nn
@@ -26,6 +27,8 @@ class Observer(Protocol):
     def iteration_start(self, phase: str, batch_size: int, tokens: int, kv_tokens: int) -> None: ...
 
     def iteration_end(self) -> None: ...
+
+    # Optional: `serving_start()`, called once at t0, the origin of the request times (see `serving_started`).
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,40 @@ def phase_of(prefilling: int, decoding: int) -> str:
     if prefilling and decoding:
         return "mixed"
     return "decode" if decoding else "prefill"
+
+
+def serving_started(observer: Observer | None) -> None:
+    """Tell the observer that serving starts now: request times are seconds from this call. Optional hook."""
+    hook = getattr(observer, "serving_start", None)
+    if hook is not None:
+        hook()
+
+
+@contextmanager
+def observe_calls(
+    owner: Any, name: str, observer: Observer | None, describe: Callable[[tuple, dict], Step]
+) -> Iterator[None]:
+    """Call `observer` around every call of the method `owner.name` inside the block (an engine step that
+    may not call the model's forward, e.g. a CUDA graph replay); the instance attribute is removed on exit."""
+    if observer is None:
+        yield
+        return
+    method = getattr(owner, name)
+
+    @wraps(method)
+    def step(*args, **kwargs):
+        s = describe(args, kwargs)
+        observer.iteration_start(s.phase, s.batch_size, s.tokens, s.kv_tokens)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            observer.iteration_end()
+
+    setattr(owner, name, step)
+    try:
+        yield
+    finally:
+        delattr(owner, name)
 
 
 @contextmanager
