@@ -156,13 +156,32 @@ def _part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def _encodings(schema: pa.Schema) -> dict:
+    """Parquet options that keep traces small: zstd; floats (times) byte-stream-split, which lets zstd find
+    their exponents; ascending ids delta-encoded. About half the size of the defaults on real traces."""
+    floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+    ids = [f.name for f in schema if f.name in ("op_id", "kernel_id", "parent_id")]
+    return {
+        "compression": "zstd",
+        "compression_level": 6,
+        "use_byte_stream_split": floats,
+        "use_dictionary": [n for n in schema.names if n not in floats and n not in ids],
+        "column_encoding": dict.fromkeys(ids, "DELTA_BINARY_PACKED"),
+    }
+
+
 def _write_atomically(table: pa.Table, path: Path) -> None:
     """Write one complete Parquet file to a temporary name beside `path`, then rename it into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {b"revati.schema_version": SCHEMA_VERSION.encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+        try:
+            pq.write_table(table, f, **_encodings(table.schema))
+        except (TypeError, ValueError, pa.ArrowNotImplementedError):  # an older pyarrow: plain zstd
+            f.seek(0)
+            f.truncate()
+            pq.write_table(table, f, compression="zstd")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
