@@ -228,15 +228,15 @@ def parse(
         if marker is None or marker.replay is None:  # Kineto leaves cudaGraphLaunch without an External id
             marker = _enclosing(replay_marks.get(api.get("tid")), float(api["ts"]))
         graph = marker.replay if marker is not None else None
-        launches = captured.get(graph, [])
-        if len(launches) != len(activities):  # not the graph we saw captured: keep kernels, unmapped
+        launches = align(activities, captured.get(graph, []))
+        if launches is None:  # not the graph we saw captured: keep its kernels, unmapped
             unmapped += len(activities)
             launches = [None] * len(activities)
         replay_rows: dict[int, dict] = {}
-        for node, (e, launch) in enumerate(zip(activities, launches, strict=True)):
-            op = launch.owner if launch is not None else None
+        for e, launch in zip(activities, launches, strict=True):
+            op = launch[1].owner if launch is not None else None
             row = _kernel_row(e, len(kernel_rows), None, origin)
-            row["graph_id"], row["graph_node_id"] = graph, node if launch is not None else None
+            row["graph_id"], row["graph_node_id"] = graph, launch[0] if launch is not None else None
             if op is not None:
                 op_row = replay_rows.get(op.op_id)
                 if op_row is None:
@@ -363,7 +363,39 @@ def _captured_launches(apis: dict, by_ext: dict, host: list[HostEvent]) -> dict[
             continue
         begin, end = windows.get(h.capture, (-math.inf, math.inf))
         if begin <= api["ts"] <= end:
-            out[h.capture].append(h)
+            out[h.capture].append((_launch_kind(api["name"]), h))
+    return out
+
+
+def _launch_kind(api: str) -> str:
+    return "gpu_memset" if "Memset" in api else "gpu_memcpy" if "Memcpy" in api else "kernel"
+
+
+def align(activities: list[dict], launches: list[tuple[str, HostEvent]]) -> list | None:
+    """Match the device activities of one graph replay, in order, to the launches captured into that graph.
+
+    Returns, per activity, (node index, launch op) or None. Kernels match kernel launches one to one, in
+    order; a memset or memcpy matches a launch of its kind when one is next, else it belongs to the launch
+    that follows it (libraries clear a workspace with driver calls the profiler does not show, e.g. before
+    a split-K GEMM); a copy launch with no activity made no node. None when the kernels do not pair up:
+    then this is not the graph that was captured.
+    """
+    kernels = sum(e.get("cat") == "kernel" for e in activities)
+    if kernels != sum(kind == "kernel" for kind, _ in launches):
+        return None
+    out: list = []
+    j = 0
+    for e in activities:
+        kind = e.get("cat", "kernel")
+        while j < len(launches) and kind == "kernel" and launches[j][0] != "kernel":
+            j += 1  # a captured copy that left no activity
+        if j >= len(launches):
+            out.append(None)
+        elif launches[j][0] == kind:
+            out.append((j, launches[j][1]))
+            j += 1
+        else:  # a copy the profiler saw no launch of: the next launch's
+            out.append((None, launches[j][1]))
     return out
 
 

@@ -231,3 +231,16 @@ def test_a_profile_captured_on_an_h100_parses_with_every_replayed_kernel_mapped(
     json.dumps(parsed.ops[:10])  # rows are plain data
     with gzip.open(FIXTURE, "rt") as f:
         assert json.load(f)["traceEvents"]
+
+
+def test_replay_alignment_tolerates_copies_the_profiler_did_not_see_launched():
+    ops = [kineto.HostEvent(f"aten::op{i}", "cpu_op", 1, 0.0, 1.0, i, {}) for i in range(3)]
+    launches = [("kernel", ops[0]), ("gpu_memset", ops[1]), ("kernel", ops[1]), ("kernel", ops[2])]
+    acts = [{"cat": c} for c in ("kernel", "gpu_memset", "kernel", "gpu_memset", "kernel")]
+    # node 1 is the captured memset; the second memset had no visible launch: it is the next launch's
+    assert [(n, op.name) for n, op in kineto.align(acts, launches)] == [
+        (0, "aten::op0"), (1, "aten::op1"), (2, "aten::op1"), (None, "aten::op2"), (3, "aten::op2"),
+    ]  # fmt: skip
+    no_memset = [{"cat": "kernel"}] * 3  # a captured memset that left no activity made no node
+    assert [n for n, _ in kineto.align(no_memset, launches)] == [0, 2, 3]
+    assert kineto.align([{"cat": "kernel"}] * 4, launches) is None  # another graph

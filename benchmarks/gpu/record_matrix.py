@@ -63,6 +63,20 @@ def main(out: Path, only: set[str]) -> None:
                 "poisson:rate=inf,n=3,prompt=fixed(24),output=fixed(4),seed=0",
             )
         ],
+        "profile-8b": [  # the raw profile of a few CUDA-graph steps of the 8B model, for parser work
+            (
+                "cb-graph-8b-profile",
+                RecordConfig(
+                    engine="hf-cb",
+                    model=MODEL,
+                    device=DEVICE,
+                    warmup_requests=1,
+                    keep_profile=True,
+                    options={"use_cuda_graph": True},
+                ),
+                "poisson:rate=inf,n=4,prompt=fixed(64),output=fixed(4),seed=0",
+            )
+        ],
         "gen": [
             (
                 f"gen-b{b}-p{p}",
