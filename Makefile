@@ -31,6 +31,7 @@ format: $(STAMP)
 
 bench: $(STAMP)  ## speed benchmarks (ratios taken in one run)
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/recorder_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -48,9 +48,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--engine", default="hf-generate")
     parser.add_argument(
-        "--workload", default="poisson:rate=inf,n=16,prompt=lognormal(96,0.4),output=fixed(24)"
+        "--workload", default="poisson:rate=inf,n=32,prompt=lognormal(96,0.4),output=fixed(32)"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
     config = load_config(args.model)

@@ -226,7 +226,7 @@ def parse(
         api = apis[corr]
         marker = by_ext.get(api.get("args", {}).get("External id"))
         if marker is None or marker.replay is None:  # Kineto leaves cudaGraphLaunch without an External id
-            marker = _enclosing(replay_marks.get(api.get("tid")), float(api["ts"]))
+            marker = _enclosing(replay_marks, float(api["ts"]))
         graph = marker.replay if marker is not None else None
         launches = align(activities, captured.get(graph, []))
         if launches is None:  # not the graph we saw captured: keep its kernels, unmapped
@@ -278,23 +278,21 @@ def _nest(host: list[HostEvent]) -> None:
         stack.append(h)
 
 
-def _replay_marks(host: list[HostEvent]) -> dict[int, tuple[list[float], list[HostEvent]]]:
-    """Per thread: the graph replay markers sorted by start, with their starts (for bisection)."""
-    marks: dict[int, list[HostEvent]] = defaultdict(list)
-    for h in host:
-        if h.cat == "user_annotation" and h.name.startswith(MARK_REPLAY):
-            marks[h.tid].append(h)
-    out = {}
-    for tid, hs in marks.items():
-        hs.sort(key=lambda h: h.start)
-        out[tid] = ([h.start for h in hs], hs)
-    return out
+def _replay_marks(host: list[HostEvent]) -> tuple[list[float], list[HostEvent]]:
+    """The graph replay markers sorted by start, with their starts (for bisection).
+
+    Not per thread: in a second profiling session in one process, Kineto numbers host threads apart
+    from the CUDA API calls' threads (seen on torch 2.11), so API calls are placed by time alone.
+    """
+    hs = sorted(
+        (h for h in host if h.cat == "user_annotation" and h.name.startswith(MARK_REPLAY)),
+        key=lambda h: h.start,
+    )
+    return [h.start for h in hs], hs
 
 
-def _enclosing(marks: tuple[list[float], list[HostEvent]] | None, ts: float) -> HostEvent | None:
+def _enclosing(marks: tuple[list[float], list[HostEvent]], ts: float) -> HostEvent | None:
     """The marker whose interval holds `ts`, if any."""
-    if marks is None:
-        return None
     starts, hs = marks
     i = bisect.bisect_right(starts, ts) - 1
     return hs[i] if i >= 0 and hs[i].start <= ts <= hs[i].end else None
@@ -313,8 +311,10 @@ def _mark(h: HostEvent) -> None:
 def composite(name: str) -> bool:
     """Whether an op decomposes before dispatch reaches a backend (CompositeImplicitAutograd only).
 
-    `name` as the profiler spells it: 'aten::sum.dim_IntList' with overload names captured, else
-    'aten::linear' (then the default overload decides, or the first one).
+    `name` as the profiler spells it: with the overload when overload names are captured
+    ('aten::sum.dim_IntList'), else without ('aten::linear'): then the op counts as composite when every
+    overload of it is (a composite overload of an op that also has backend overloads, e.g.
+    select.Dimname, is then kept as one op with its children's kernels, rather than lost).
     """
     ns, _, rest = name.partition("::")
     op, _, overload = rest.partition(".")
@@ -322,8 +322,16 @@ def composite(name: str) -> bool:
         overloads = getattr(getattr(torch.ops, ns), op).overloads()
     except (AttributeError, RuntimeError):
         return False
-    if not overload:
-        overload = "default" if "default" in overloads or not overloads else overloads[0]
+    # out= variants and TorchScript's prim_ overloads are never what tensor code without out= calls
+    names = (
+        [overload]
+        if overload
+        else [o for o in overloads if not o.endswith("out") and not o.startswith("prim")]
+    )
+    return bool(names) and all(_composite_overload(ns, op, o) for o in names)
+
+
+def _composite_overload(ns: str, op: str, overload: str) -> bool:
     qualified = f"{ns}::{op}" if overload == "default" else f"{ns}::{op}.{overload}"
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     try:
@@ -342,15 +350,12 @@ def _captured_launches(apis: dict, by_ext: dict, host: list[HostEvent]) -> dict[
     offset fills); those run once, they are no nodes of the graph.
     """
     ordered = sorted(apis.values(), key=lambda a: a["ts"])
-    per_tid: dict[int, list[dict]] = defaultdict(list)
-    for api in ordered:
-        per_tid[api.get("tid")].append(api)
-    starts = {tid: [a["ts"] for a in calls] for tid, calls in per_tid.items()}
+    starts = [a["ts"] for a in ordered]
     windows: dict[int, tuple[float, float]] = {}
     for h in host:
         if h.cat == "user_annotation" and h.name.startswith(MARK_CAPTURE):
-            calls, ts = per_tid.get(h.tid, []), starts.get(h.tid, [])
-            inside = calls[bisect.bisect_left(ts, h.start) : bisect.bisect_right(ts, h.end)]
+            # by time alone: API calls' thread numbers need not match the host events' (see _replay_marks)
+            inside = ordered[bisect.bisect_left(starts, h.start) : bisect.bisect_right(starts, h.end)]
             begin = next((a["ts"] for a in inside if a["name"].startswith("cudaStreamBeginCapture")), h.start)
             end = next((a["ts"] for a in reversed(inside) if a["name"] == "cudaStreamEndCapture"), h.end)
             windows[h.capture] = (begin, end)

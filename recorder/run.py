@@ -27,9 +27,8 @@ import gzip
 import json
 import math
 import os
-import runpy
 import shutil
-import sys
+import statistics
 import tempfile
 import threading
 import time
@@ -46,6 +45,7 @@ from recorder import device as devices
 from recorder import kineto
 from revati.metrics import RequestResult, ServingMetrics, summarize
 from revati.schema import TraceError, TraceWriter
+from revati.scripts import Script
 from revati.workloads import Request, Workload
 
 REQUEST_FLUSH = 16  # requests buffered before a part is written (crash safety vs. work on the serving path)
@@ -150,7 +150,7 @@ def record(
     if config.warmup_requests > 0:
         stage(f"warm-up pass ({config.warmup_requests} requests, not recorded)")
         run_engine(config.engine, model, _warmup(workload.requests, config.warmup_requests), **config.options)
-    overhead = calibrate(config.device) if config.device == "cpu" else _NONE
+    overhead = calibrate_model(model) if config.device == "cpu" else _NONE
     facts = devices.facts(config.device)
     results = []
     for i, trace_dir in enumerate(dirs):
@@ -267,13 +267,19 @@ class GraphMarks:
         return self._count
 
 
-def profiler(device: str) -> profile:
-    """torch.profiler over every thread (engines step on their own thread), with input shapes and overload
-    names; options a torch build lacks are left out (profiling then covers what it can)."""
+def profiler(
+    device: str, record_shapes: bool = True, trace_only: bool = True, overload_names: bool = False
+) -> profile:
+    """torch.profiler over every thread (engines step on their own thread) with input shapes; options a
+    torch build lacks are left out (profiling then covers what it can).
+
+    Overload names are off by default: on torch 2.13 they cost about 1.1 µs per event on top of 1.5 µs
+    (tiny-llama on this project's CPU), and `kineto.composite` decides without them.
+    """
     from torch._C._profiler import _ExperimentalConfig
 
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
-    wanted = {"profile_all_threads": True, "capture_overload_names": True, "trace_only": True}
+    wanted = {"profile_all_threads": True, "capture_overload_names": overload_names, "trace_only": trace_only}
     while True:
         try:
             config = _ExperimentalConfig(**wanted)
@@ -282,7 +288,7 @@ def profiler(device: str) -> profile:
             if not wanted:
                 raise
             wanted.popitem()
-    return profile(activities=activities, record_shapes=True, experimental_config=config)
+    return profile(activities=activities, record_shapes=record_shapes, experimental_config=config)
 
 
 def _record_one(
@@ -305,7 +311,7 @@ def _record_one(
 
     def completed(result: RequestResult) -> None:
         nonlocal pending
-        writer.append_row("requests", request_row(result))
+        writer.append_row("requests", result.trace_row())
         pending += 1
         if pending >= REQUEST_FLUSH:
             writer.flush()
@@ -441,18 +447,6 @@ def iteration_rows(steps: list[dict], parsed: kineto.Parsed, *, synchronous: boo
     return rows
 
 
-def request_row(r: RequestResult) -> dict:
-    return {
-        "request_id": r.request_id,
-        "arrival": r.arrival,
-        "prompt_tokens": r.prompt_tokens,
-        "output_tokens": r.output_tokens,
-        "first_token": r.token_times[0] if r.token_times else None,
-        "completion": r.token_times[-1] if r.token_times else None,
-        "token_times": list(r.token_times),
-    }
-
-
 def _run_row(config: RecordConfig, workload: Workload, model_config, facts: dict, overhead: Overhead) -> dict:
     return {
         "source": "recorded",
@@ -499,10 +493,10 @@ def calibrate(device: str = "cpu", calls: int = 4000, repeats: int = 7) -> Overh
     plain, profiled, with_shapes, without = [], [], [], []
     for _ in range(repeats):
         plain.append(loop())
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+        with profiler("cpu", trace_only=False) as p:  # as recordings profile, less keeping no events
             profiled.append(loop())
         with_shapes.append(mean_add_us(p))
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as p:
+        with profiler("cpu", record_shapes=False, trace_only=False) as p:
             loop()
         without.append(mean_add_us(p))
     per_event = max(0.0, (min(profiled) - min(plain)) * 1e6)
@@ -510,44 +504,66 @@ def calibrate(device: str = "cpu", calls: int = 4000, repeats: int = 7) -> Overh
     return Overhead(per_event, inside)
 
 
+def calibrate_model(model, repeats: int = 9, window: float = 0.05, tokens: int = 16) -> Overhead:
+    """The profiler's cost per event on this host for this model's own ops: forwards of `tokens` tokens
+    (as many as fill `window` seconds, at most 20), timed with and without the profiler (the median of
+    `repeats` interleaved pairs), over the events recorded.
+
+    A loop of one small op (`calibrate`) underestimates it: real ops record more inputs, nest, and run
+    inside module calls; the inside part is still taken from `calibrate`.
+    """
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    cpu = torch.autograd.DeviceType.CPU
+
+    forwards = 1
+
+    def forward() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(forwards):
+                model(ids)
+        return time.perf_counter() - t
+
+    forward()
+    forwards = max(1, min(20, round(window / max(forward(), 1e-6))))
+    with profiler(device.type, trace_only=False):  # the first profiled forward pays one-time set-up
+        forward()
+    plain, profiled, events = [], [], 0
+    for _ in range(repeats):
+        plain.append(forward())
+        with profiler(device.type, trace_only=False) as p:
+            profiled.append(forward())
+        events = sum(1 for e in p.profiler.kineto_results.events() if e.device_type() == cpu)
+    base = calibrate(device.type, calls=2000, repeats=3)
+    extra = statistics.median(p - q for p, q in zip(profiled, plain, strict=True))  # paired: drift cancels
+    per_event = max(0.0, extra / max(1, events) * 1e6)
+    return Overhead(per_event, min(base.inside_us, per_event))
+
+
 def record_script(argv: list[str], device: str, out: Path) -> tuple[int, Path]:
     """Run a script (`python script.py args`) under the profiler and write its ops / kernels as a trace."""
-    if argv and Path(argv[0]).name.startswith("python"):
-        argv = argv[1:]
-    if not argv:
-        raise ValueError("revati record --: give a script to run, e.g. `revati record -- python bench.py`")
-    is_module = argv[0] == "-m"
-    if is_module:
-        argv = argv[1:]
-    target = argv[0]
-    if not is_module and not Path(target).exists():
-        raise FileNotFoundError(f"revati record --: no such script {target!r}")
+    script = Script.parse(argv, "record")
     devices.check(device)
     output_dirs(out, 1)
     facts = devices.facts(device)
     writer = TraceWriter(out, f"rec-{uuid.uuid4().hex[:12]}")
     row = _run_row(
-        RecordConfig(engine="script", model="-", device=device), _ScriptWorkload(argv), None, facts, _NONE
+        RecordConfig(engine="script", model="-", device=device),
+        _ScriptWorkload(script.argv),
+        None,
+        facts,
+        _NONE,
     )
     writer.write_run(row)
     overhead = calibrate(device) if device == "cpu" else _NONE
-    saved = sys.argv
-    sys.argv = list(argv)
-    code = 0
     graphs = GraphMarks() if device == "cuda" else None
     try:
         with profiler(device) as prof:
             if graphs is not None:
                 graphs.__enter__()
             try:
-                if not is_module:
-                    sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
-                if is_module:
-                    runpy.run_module(target, run_name="__main__", alter_sys=True)
-                else:
-                    runpy.run_path(target, run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                code = script.run()
             finally:
                 if graphs is not None:
                     graphs.__exit__(None, None, None)
@@ -556,12 +572,11 @@ def record_script(argv: list[str], device: str, out: Path) -> tuple[int, Path]:
         parsed = _parse(prof, out, synchronous=device == "cpu", overhead=overhead)
     except BaseException:
         writer.close(complete=False)
-        sys.argv = saved
         raise
-    sys.argv = saved
     writer.append("ops", parsed.ops)
     writer.append("kernels", parsed.kernels)
-    writer.write_run({**row, "extra": json.dumps({**facts["extra"], "argv": argv, "exit_code": code})})
+    extra = {**facts["extra"], "argv": script.argv, "exit_code": code}
+    writer.write_run({**row, "extra": json.dumps(extra)})
     writer.close(complete=True)
     return code, out
 

@@ -7,9 +7,6 @@ print(result.metrics.ttft.p50, result.virtual_seconds, result.wall_seconds)
 from __future__ import annotations
 
 import json
-import os
-import runpy
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +20,7 @@ from revati.cost import CostModel
 from revati.hardware import GpuSpec
 from revati.metrics import RequestResult, ServingMetrics, summarize
 from revati.schema import TraceWriter
+from revati.scripts import Script
 from revati.workloads import Workload
 
 _real_perf_counter = time.perf_counter
@@ -153,7 +151,7 @@ def emulate(
     if writer is not None:
         writer.append("ops", emu.take_op_rows())
         writer.append("iterations", emu.iteration_rows())
-        writer.append("requests", [_request_row(r) for r in result.results])
+        writer.append("requests", [r.trace_row() for r in result.results])
         extra = {
             "cost_model": result.cost_model,
             "virtual_seconds": result.virtual_seconds,
@@ -196,18 +194,6 @@ def _run_row(
     }
 
 
-def _request_row(r: RequestResult) -> dict:
-    return {
-        "request_id": r.request_id,
-        "arrival": r.arrival,
-        "prompt_tokens": r.prompt_tokens,
-        "output_tokens": r.output_tokens,
-        "first_token": r.token_times[0] if r.token_times else None,
-        "completion": r.token_times[-1] if r.token_times else None,
-        "token_times": list(r.token_times),
-    }
-
-
 def _utc(ts: float):
     from datetime import UTC, datetime
 
@@ -216,32 +202,8 @@ def _utc(ts: float):
 
 def emulate_script(argv: list[str], spec: GpuSpec, cost: CostModel, host_time: str) -> tuple[int, Emulator]:
     """Run a script (`python script.py args` or `script.py args`) under emulation, like `coverage run`."""
-    if argv and Path(argv[0]).name.startswith("python"):
-        argv = argv[1:]
-    if not argv:
-        raise ValueError("revati emulate --: give a script to run, e.g. `revati emulate -- python bench.py`")
-    if argv[0] == "-m":
-        target, is_module = argv[1], True
-        argv = argv[1:]
-    else:
-        target, is_module = argv[0], False
-        if not Path(target).exists():
-            raise FileNotFoundError(f"revati emulate --: no such script {target!r}")
+    script = Script.parse(argv, "emulate")
     emu = Emulator(spec, cost, host_time=host_time, ops="none")
-    saved_argv = sys.argv
-    sys.argv = list(argv)
-    code = 0
-    try:
-        with emu:
-            if not is_module:
-                sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
-            try:
-                if is_module:
-                    runpy.run_module(target, run_name="__main__", alter_sys=True)
-                else:
-                    runpy.run_path(target, run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = saved_argv
+    with emu:
+        code = script.run()
     return code, emu

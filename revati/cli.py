@@ -31,6 +31,11 @@ app = typer.Typer(
 out_console = Console()
 err_console = Console(stderr=True)
 
+# Options `emulate` and `record` share: the same serving run, virtual or real.
+ENGINE_OPTION = typer.Option("hf-cb", help="Serving engine: hf-generate, hf-cb or hf-serve.")
+MODEL_OPTION = typer.Option("llama-3.1-8b", help="A shipped model name or the path of an HF config.json.")
+WORKLOAD_OPTION = typer.Option(DEFAULT_WORKLOAD, help="Workload spec or trace file (CSV / Parquet / JSONL).")
+
 _BAD_INPUT = 2
 _RUN_FAILED = 1
 
@@ -62,12 +67,10 @@ def _root() -> None:
 )
 def emulate(
     ctx: typer.Context,
-    engine: str = typer.Option("hf-cb", help="Serving engine: hf-generate, hf-cb or hf-serve."),
-    model: str = typer.Option("llama-3.1-8b", help="A shipped model name or the path of an HF config.json."),
+    engine: str = ENGINE_OPTION,
+    model: str = MODEL_OPTION,
     gpu: str = typer.Option("h100", help="Virtual GPU kind (h100, h200, a100, l40s, ...)."),
-    workload: str = typer.Option(
-        DEFAULT_WORKLOAD, help="Workload spec or trace file (CSV / Parquet / JSONL)."
-    ),
+    workload: str = WORKLOAD_OPTION,
     profile: Path | None = typer.Option(
         None, help="A profile fitted by `revati fit` (default: the roofline)."
     ),
@@ -115,12 +118,10 @@ def emulate(
 )
 def record(
     ctx: typer.Context,
-    engine: str = typer.Option("hf-cb", help="Serving engine: hf-generate, hf-cb or hf-serve."),
-    model: str = typer.Option("llama-3.1-8b", help="A shipped model name or the path of an HF config.json."),
+    engine: str = ENGINE_OPTION,
+    model: str = MODEL_OPTION,
     device: str = typer.Option("auto", help="Device to record on: cuda, cpu, or auto (cuda when present)."),
-    workload: str = typer.Option(
-        DEFAULT_WORKLOAD, help="Workload spec or trace file (CSV / Parquet / JSONL)."
-    ),
+    workload: str = WORKLOAD_OPTION,
     out: Path | None = typer.Option(None, help="Trace directory to write (default: runs/rec-<time>)."),
     runs: int = typer.Option(1, min=1, help="Record the workload this many times, as separate run ids."),
     warmup: int = typer.Option(2, min=0, help="Requests served unrecorded before recording starts."),
@@ -645,9 +646,9 @@ def _emulate_script(argv: list[str], gpu_name: str, host_time: str) -> None:
 
 def _check_script(argv: list[str], verb: str = "emulate") -> None:
     """The script or module to run is named and, for a script, exists."""
-    if argv and Path(argv[0]).name.startswith("python"):
-        argv = argv[1:]
-    if not argv or argv == ["-m"]:
-        raise BadInput(f"revati {verb} --: give a script to run, e.g. `revati {verb} -- python bench.py`")
-    if argv[0] != "-m" and not Path(argv[0]).exists():
-        raise BadInput(f"revati {verb} --: no such script {argv[0]!r}")
+    from revati.scripts import Script
+
+    try:
+        Script.parse(argv, verb)
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(str(e)) from None

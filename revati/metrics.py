@@ -26,6 +26,18 @@ class RequestResult:
     def completion(self) -> float:
         return self.token_times[-1]
 
+    def trace_row(self) -> dict:
+        """The request as a row of a trace's `requests` table (recorded and emulated runs alike)."""
+        return {
+            "request_id": self.request_id,
+            "arrival": self.arrival,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "first_token": self.token_times[0] if self.token_times else None,
+            "completion": self.token_times[-1] if self.token_times else None,
+            "token_times": list(self.token_times),
+        }
+
 
 @dataclass(frozen=True)
 class Stats:

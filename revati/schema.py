@@ -399,7 +399,15 @@ def _trace_dirs(path_or_glob: str | os.PathLike) -> list[Path]:
     path = Path(text)
     if not path.is_dir():
         raise TraceError(f"{path}: no such trace directory")
+    if not _is_trace(path):  # a directory of runs (`revati record --runs N` writes run-1, run-2, ...)
+        runs = sorted(d for d in path.iterdir() if d.is_dir() and _is_trace(d))
+        if runs:
+            return runs
     return [path]
+
+
+def _is_trace(path: Path) -> bool:
+    return any((path / t).is_dir() for t in TABLES)
 
 
 def _table_parts(trace_dir: Path, table: str) -> list[Path]:

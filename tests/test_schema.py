@@ -197,3 +197,11 @@ def test_reader_errors_for_missing_dirs_and_tables(tmp_path):
         read_table(tmp_path, "kernels")
     with pytest.raises(TraceError, match="unknown trace table 'kernel'"):
         read_table(tmp_path, "kernel")
+
+
+def test_a_directory_of_runs_reads_as_all_of_them(tmp_path):
+    for i in (1, 2):
+        with TraceWriter(tmp_path / "runs" / f"run-{i}", f"r{i}") as w:
+            w.write_run(RUN_ROW)
+    rows = read_table(tmp_path / "runs", "run").to_pylist()
+    assert sorted(r["run_id"] for r in rows) == ["r1", "r2"]
