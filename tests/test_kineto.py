@@ -12,7 +12,10 @@ import pytest
 from recorder import kineto
 from recorder.kineto import KinetoError, composite, parse
 
-FIXTURE = Path(__file__).parent / "fixtures" / "kineto_h100_tiny_cb_graph.json.gz"
+FIXTURES = Path(__file__).parent / "fixtures"
+# hf-cb with CUDA graphs, tiny-llama, 3-4 requests: on an H100, and on an H200 as the second recording of
+# one process (where Kineto numbers host threads apart from the CUDA API calls' threads).
+PROFILES = sorted(FIXTURES.glob("kineto_*.json.gz"))
 
 
 class Trace:
@@ -208,9 +211,9 @@ def test_traces_that_are_not_kineto_exports_are_refused_clearly(tmp_path):
         parse(t.dict())
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="no captured H100 profile in tests/fixtures")
-def test_a_profile_captured_on_an_h100_parses_with_every_replayed_kernel_mapped():
-    trace = kineto.load(FIXTURE)
+@pytest.mark.parametrize("fixture", PROFILES, ids=lambda p: p.name.split(".")[0])
+def test_profiles_captured_on_a_gpu_parse_with_every_replayed_kernel_mapped(fixture):
+    trace = kineto.load(fixture)
     parsed = parse(trace)
     kernels = [e for e in trace["traceEvents"] if e.get("cat") == "kernel"]
     assert len(parsed.kernels) == len(
@@ -229,8 +232,12 @@ def test_a_profile_captured_on_an_h100_parses_with_every_replayed_kernel_mapped(
         if it["device_start"] is not None:
             assert it["device_start"] >= it["host_start"] - 1e-9
     json.dumps(parsed.ops[:10])  # rows are plain data
-    with gzip.open(FIXTURE, "rt") as f:
+    with gzip.open(fixture, "rt") as f:
         assert json.load(f)["traceEvents"]
+
+
+def test_both_gpu_profiles_are_shipped():
+    assert len(PROFILES) >= 2, "tests/fixtures should hold the captured H100 and H200 profiles"
 
 
 def test_replay_alignment_tolerates_copies_the_profiler_did_not_see_launched():
