@@ -524,3 +524,97 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.untyped_storage()._cdata == b.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):  # subclasses without a storage: assume a copy
         return False
+
+
+# --- features of a trace row -------------------------------------------------------------------------
+
+_SCALAR_TYPES = ("Scalar", "int", "float", "bool", "SymInt", "number")
+
+
+@functools.lru_cache(maxsize=65_536)
+def row_features(key: str, shapes: tuple, dtypes: tuple, scalars: str | None) -> tuple[Features, bool]:
+    """Features of an op from a trace row: its key, input shapes and dtypes, and scalars as written.
+
+    Meta tensors stand in for the inputs, and the op's own registry function runs on them, so a recorded
+    row and an emulated call of the same op get the same features. Returns (features, exact): exact is
+    False when no overload of the op accepted the row (ops whose list arguments the trace does not keep),
+    and the features are then the elementwise fallback on the inputs alone.
+    Shapes and dtypes are tuples (hashable: results are cached per row signature).
+    """
+    if not launches_kernel(key):
+        return {"kernel": 0.0}, True
+    metas = [_meta(s, d) for s, d in zip(shapes, dtypes, strict=False)]
+    values = _parse_scalars(scalars)
+    if key == "revati::attention":
+        return _attention_row(metas, values), True
+    packet = _packet(key)
+    for name in packet.overloads() if packet is not None else ():
+        func = getattr(packet, name)
+        args = _row_args(func, metas, values)
+        if args is None:
+            continue
+        try:
+            with torch.no_grad():
+                out = func(*args)
+        except Exception:  # noqa: BLE001 - this overload does not take the row; try the next
+            continue
+        return op_features(func, tuple(args), {}, out)[1], True
+    inputs = {f"input{i}": t for i, t in enumerate(metas)}
+    return elementwise(aten.add.Tensor, inputs, None), False
+
+
+def _meta(shape, dtype: str) -> torch.Tensor:
+    dt = getattr(torch, dtype, None)
+    return torch.empty(list(shape), dtype=dt if isinstance(dt, torch.dtype) else torch.float32, device="meta")
+
+
+def _parse_scalars(text: str | None) -> list:
+    if not text:
+        return []
+    import ast
+
+    try:
+        values = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return []
+    return list(values) if isinstance(values, (list, tuple)) else []
+
+
+def _row_args(func: OpOverload, metas: list[torch.Tensor], values: list) -> list | None:
+    """Positional arguments for `func` from a row's tensors (in order) and scalars (in order), or None."""
+    tensors, scalars, args = list(metas), list(values), []
+    for param in func._schema.arguments:
+        if param.kwarg_only:
+            break
+        kind = str(param.type)
+        if kind in ("Tensor", "Tensor?"):
+            if tensors:
+                args.append(tensors.pop(0))
+            elif kind == "Tensor?":
+                args.append(None)
+            else:
+                return None
+        elif kind in ("Tensor[]", "List[Tensor]", "Tensor?[]", "List[Optional[Tensor]]"):
+            args.append(tensors)
+            tensors = []
+        elif kind.rstrip("?") in _SCALAR_TYPES:
+            if scalars and not isinstance(scalars[0], (list, str)):
+                args.append(scalars.pop(0))
+            elif param.has_default_value():
+                args.append(param.default_value)
+            else:
+                return None
+        elif param.has_default_value():
+            args.append(param.default_value)
+        else:
+            return None
+    return args if not tensors else None
+
+
+def _attention_row(metas: list[torch.Tensor], values: list) -> Features:
+    """Dispatch-level attention rows are the SDPA variants: q, k, v (batch, heads, seq, dim), then an
+    optional mask; causal when a scalar says True (inference passes no other True flag)."""
+    q, k, v = metas[:3]
+    bound = {"query": q, "key": k, "value": v, "attn_mask": metas[3] if len(metas) > 3 else None}
+    bound["is_causal"] = any(x is True for x in values)
+    return attention(aten.scaled_dot_product_attention.default, bound, torch.empty_like(q))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -13,6 +15,7 @@ from revati.op_features import (
     op_family,
     op_features,
     register_features,
+    row_features,
 )
 
 aten = torch.ops.aten
@@ -383,3 +386,43 @@ def test_a_tiny_llama_generate_lands_in_the_intended_families(attention_impl):
         assert families["attention"] == {"revati::attention"}
     else:
         assert "aten::_softmax" in families["softmax"]
+
+
+# --- features of trace rows ------------------------------------------------------------------------
+
+
+def test_a_recorded_row_gets_the_features_of_the_call_it_records():
+    a, b = torch.empty(8, 64, device="meta"), torch.empty(64, 32, device="meta")
+    _, direct = op_features(aten.mm.default, (a, b), {}, a @ b)
+    features, exact = row_features("aten::mm", ((8, 64), (64, 32)), ("float32", "float32"), None)
+    assert exact and features == direct and features["flops"] == 2 * 8 * 64 * 32
+
+
+def test_rows_of_lists_scalars_and_attention_bind_to_their_op():
+    cat, exact = row_features("aten::cat", ((2, 4), (3, 4)), ("float32", "float32"), "[0]")
+    assert exact and cat["numel"] == 20
+    q = (1, 8, 128, 64)
+    causal, _ = row_features("revati::attention", (q, q, q), ("bfloat16",) * 3, "[0.0, True, False]")
+    full, _ = row_features("revati::attention", (q, q, q), ("bfloat16",) * 3, "[0.0, False, False]")
+    assert causal["causal"] == 1.0 and full["causal"] == 0.0 and causal["flops"] < full["flops"]
+    assert causal["q_len"] == 128 and causal["heads"] == 8 and causal["head_dim"] == 64
+
+
+def test_kernel_less_rows_and_rows_no_overload_takes_are_told_apart():
+    assert row_features("aten::view", ((4, 4),), ("float32",), None) == ({"kernel": 0.0}, True)
+    features, exact = row_features("aten::full", (), (), None)  # its size list is not in the row
+    assert not exact and set(features) == {"numel", "bytes"}
+
+
+def test_the_shipped_cpu_trace_gets_exact_features_for_nearly_all_device_time():
+    from revati.schema import read_table
+
+    rows = read_table(Path(__file__).parents[1] / "traces" / "cpu" / "tiny-hf-cb", "ops").to_pylist()
+    total = exact_time = 0.0
+    for r in rows:
+        _, exact = row_features(
+            r["name"], tuple(map(tuple, r["input_shapes"])), tuple(r["dtypes"]), r["scalars"]
+        )
+        total += r["device_duration"]
+        exact_time += r["device_duration"] * exact
+    assert exact_time / total > 0.97

@@ -65,7 +65,7 @@ def run(
 def padded_step(kwargs: dict) -> Step:
     """A forward of `generate()`: a left-padded (batch, query) block over a cache of equal-length rows."""
     batch, query = kwargs["input_ids"].shape
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.24 renamed it `cache`
     past = cache.get_seq_length() if cache is not None else 0
     mask = kwargs.get("attention_mask")
     kv_length = mask.shape[-1] if mask is not None and mask.dim() == 2 else past + query
