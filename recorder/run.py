@@ -267,6 +267,11 @@ class GraphMarks:
         return self._count
 
 
+def _graph_marks(device: str, profiled: bool):
+    """CUDA graph captures and replays are marked when a CUDA run is profiled."""
+    return GraphMarks() if device == "cuda" and profiled else contextlib.nullcontext()
+
+
 def profiler(
     device: str, record_shapes: bool = True, trace_only: bool = True, overload_names: bool = False
 ) -> profile:
@@ -321,28 +326,19 @@ def _record_one(
 
     full = config.capture == "full"
     marks = Marks(annotate=full)
-    graphs = GraphMarks() if config.device == "cuda" and full else None
     gc.collect()
     try:
-        with profiler(config.device) if full else contextlib.nullcontext() as prof:
-            if graphs is not None:
-                graphs.__enter__()
-            try:
-                wall0 = time.perf_counter()
-                results = run_engine(
-                    config.engine,
-                    model,
-                    workload.requests,
-                    observer=marks,
-                    on_result=completed,
-                    **config.options,
-                )
-                if config.device == "cuda":
-                    torch.cuda.synchronize()
-                wall = time.perf_counter() - wall0
-            finally:
-                if graphs is not None:
-                    graphs.__exit__(None, None, None)
+        with (
+            profiler(config.device) if full else contextlib.nullcontext() as prof,
+            _graph_marks(config.device, full),
+        ):
+            wall0 = time.perf_counter()
+            results = run_engine(
+                config.engine, model, workload.requests, observer=marks, on_result=completed, **config.options
+            )
+            if config.device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - wall0
         export0 = time.perf_counter()
         if full:
             stage("exporting and parsing the profile")
@@ -557,16 +553,11 @@ def record_script(argv: list[str], device: str, out: Path) -> tuple[int, Path]:
     )
     writer.write_run(row)
     overhead = calibrate(device) if device == "cpu" else _NONE
-    graphs = GraphMarks() if device == "cuda" else None
     try:
-        with profiler(device) as prof:
-            if graphs is not None:
-                graphs.__enter__()
+        with profiler(device) as prof, _graph_marks(device, True):
             try:
                 code = script.run()
             finally:
-                if graphs is not None:
-                    graphs.__exit__(None, None, None)
                 if device == "cuda":
                     torch.cuda.synchronize()
         parsed = _parse(prof, out, synchronous=device == "cpu", overhead=overhead)
