@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 
 import torch
 
@@ -40,9 +41,9 @@ def kind_of(name: str) -> str:
     for key, spec in GPUS.items():
         if spec.name.lower() == name.lower():
             return key
-    lowered = name.lower()
-    for key in sorted(GPUS, key=len, reverse=True):
-        if key.replace("-", " ") in lowered.replace("-", " "):
+    lowered = name.lower().replace("-", " ")
+    for key in sorted(GPUS, key=len, reverse=True):  # whole words: 'L40' is not 'L4', 'GH200' not 'H200'
+        if re.search(rf"\b{re.escape(key.replace('-', ' '))}\b", lowered):
             return key
     return lowered.removeprefix("nvidia ").replace(" ", "-")
 

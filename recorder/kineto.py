@@ -203,6 +203,7 @@ def parse(
     captured = _captured_launches(apis, by_ext, host)
     replays: dict[int, list[dict]] = defaultdict(list)  # correlation of a cudaGraphLaunch -> its activities
     kernel_rows: list[dict] = []
+    steps: list[int | None] = []  # per kernel row: the step it was launched in (by its launcher, not its op)
     for e in sorted(device, key=lambda e: e["ts"]):
         args = e.get("args") or {}
         api = apis.get(args.get("correlation"))
@@ -217,6 +218,7 @@ def parse(
             op.kernels.append(row)
             _collective(row, op)
         kernel_rows.append(row)
+        steps.append(launcher.iteration if launcher is not None else None)
 
     overhead = (inside_overhead_us, event_overhead_us)
     rows = [_op_row(op, origin, synchronous, overhead) for op in dispatch_ops]
@@ -248,9 +250,10 @@ def parse(
                 op_row["_kernels"].append(row)
                 _collective(row, op)
             kernel_rows.append(row)
+            steps.append(marker.iteration if marker is not None else None)
         for op_row in replay_rows.values():
             _device_span(op_row, op_row.pop("_kernels"), synchronous=False)
-    iterations = _iterations(host, kernel_rows, rows, origin)
+    iterations = _iterations(host, kernel_rows, steps, origin)
     return Parsed(rows, kernel_rows, iterations, origin, unmapped, len(replays))
 
 
@@ -528,14 +531,15 @@ def _collective(row: dict, op: HostEvent) -> None:
     nelems = max(int(comms.get("In msg nelems", 0) or 0), int(comms.get("Out msg nelems", 0) or 0))
     row["collective_bytes"] = nelems * _DTYPE_BYTES.get(str(comms.get("dtype")), 1)
     row["group_size"] = int(comms.get("Group size", 0) or 0) or None
-    seq = comms.get("Seq") or comms.get("seq")
+    seq = comms.get("Seq", comms.get("seq"))
     row["seq"] = int(seq) if seq not in (None, "") else None
 
 
 def _iterations(
-    host: list[HostEvent], kernels: list[dict], rows: list[dict], origin: float
+    host: list[HostEvent], kernels: list[dict], steps: list[int | None], origin: float
 ) -> dict[int, dict]:
-    """Host interval of each iteration marker, its device interval from its ops' kernels, its event count."""
+    """Host interval of each iteration marker, its device interval from the kernels launched in it (also
+    those of no op and of unmapped graph replays), its event count."""
     out: dict[int, dict] = {}
     for h in host:
         if h.cat == "user_annotation" and h.name.startswith(MARK_ITERATION):
@@ -546,10 +550,8 @@ def _iterations(
                 "device_end": None,
                 "events": h.descendants,
             }
-    by_op = {r["op_id"]: r for r in rows}
-    for k in kernels:
-        row = by_op.get(k["op_id"])
-        it = out.get(row["iteration_id"]) if row is not None else None
+    for k, step in zip(kernels, steps, strict=True):
+        it = out.get(step)
         if it is None:
             continue
         it["device_start"] = k["start"] if it["device_start"] is None else min(it["device_start"], k["start"])

@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -240,8 +241,13 @@ class GraphMarks:
         def capture_begin(graph, *args, **kwargs):
             rf = record_function(f"{kineto.MARK_CAPTURE}{marks._gid(graph)}")
             rf.__enter__()
+            try:
+                result = begin(graph, *args, **kwargs)
+            except BaseException:  # no capture began: close its marker (callers may catch and go on)
+                rf.__exit__(None, None, None)
+                raise
             marks._capturing[id(graph)] = rf
-            return begin(graph, *args, **kwargs)
+            return result
 
         def capture_end(graph, *args, **kwargs):
             try:
@@ -446,6 +452,7 @@ def iteration_rows(steps: list[dict], parsed: kineto.Parsed, *, synchronous: boo
 def _run_row(config: RecordConfig, workload: Workload, model_config, facts: dict, overhead: Overhead) -> dict:
     return {
         "source": "recorded",
+        "started_at": datetime.now(UTC),  # kept by the rewrites of the row at the end
         "complete": False,
         "device_kind": facts["device_kind"],
         "device_name": facts["device_name"],
@@ -552,8 +559,8 @@ def record_script(argv: list[str], device: str, out: Path) -> tuple[int, Path]:
         _NONE,
     )
     writer.write_run(row)
-    overhead = calibrate(device) if device == "cpu" else _NONE
     try:
+        overhead = calibrate(device) if device == "cpu" else _NONE
         with profiler(device) as prof, _graph_marks(device, True):
             try:
                 code = script.run()

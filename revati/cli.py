@@ -8,6 +8,7 @@ revati record --device cuda --runs 3             # the same serving, recorded on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -217,6 +218,13 @@ def _record_plan(engine, model, device, workload_spec, out, runs, warmup, dtype)
         raise BadInput(str(e)) from None
     dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     weights = param_bytes(model_config, getattr(torch, dtype))
+    if device == "cuda":
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if weights > memory:
+            raise BadInput(
+                f"{model} needs {weights / 2**30:.1f} GiB of weights in {dtype}; this GPU has "
+                f"{memory / 2**30:.1f} GiB: record a smaller model (tensor parallelism is not recorded yet)"
+            )
     if device == "cpu":
         from recorder.device import facts
 
@@ -263,7 +271,8 @@ def _run_recording(plan: dict, as_json: bool) -> None:
         err_console.print(
             f"[dim]{work.describe()} · {plan['runs']} run(s) → {plan['out']}[/]", highlight=False
         )
-    with progress:
+
+    with progress, _out_of_memory_fails(plan):
         results = record_runs(
             config,
             work,
@@ -303,6 +312,19 @@ def _run_recording(plan: dict, as_json: bool) -> None:
         }
         text = " · ".join(f"{k.removesuffix('_ms')} {v:.1%}" for k, v in spread.items() if v is not None)
         out_console.print(f"run-to-run spread ((max − min) / mean): {text}", highlight=False)
+
+
+@contextlib.contextmanager
+def _out_of_memory_fails(plan: dict):
+    """A real GPU that runs out of memory mid-recording: one line and exit code 1, not a traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        _fail(
+            f"out of memory on the GPU while recording {plan['model']}: {str(e).splitlines()[0]}", _RUN_FAILED
+        )
 
 
 def _spread(values: list[float | None]) -> float | None:

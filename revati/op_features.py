@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -573,6 +574,8 @@ def _parse_scalars(text: str | None) -> list:
         return []
     import ast
 
+    # repr() writes infinities and NaN as names, which literal_eval refuses: spell them as literals
+    text = re.sub(r"\binf\b", "1e999", re.sub(r"\bnan\b", "None", text))
     try:
         values = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -586,18 +589,19 @@ def _row_args(func: OpOverload, metas: list[torch.Tensor], values: list) -> list
     for param in func._schema.arguments:
         if param.kwarg_only:
             break
-        kind = str(param.type)
-        if kind in ("Tensor", "Tensor?"):
+        optional = isinstance(param.type, torch.OptionalType)
+        kind = str(param.type.getElementType() if optional else param.type)
+        if kind == "Tensor":
             if tensors:
                 args.append(tensors.pop(0))
-            elif kind == "Tensor?":
+            elif optional:
                 args.append(None)
             else:
                 return None
-        elif kind in ("Tensor[]", "List[Tensor]", "Tensor?[]", "List[Optional[Tensor]]"):
+        elif kind in ("Tensor[]", "List[Tensor]", "List[Optional[Tensor]]", "Optional[Tensor][]"):
             args.append(tensors)
             tensors = []
-        elif kind.rstrip("?") in _SCALAR_TYPES:
+        elif kind in _SCALAR_TYPES:
             if scalars and not isinstance(scalars[0], (list, str)):
                 args.append(scalars.pop(0))
             elif param.has_default_value():

@@ -251,3 +251,14 @@ def test_replay_alignment_tolerates_copies_the_profiler_did_not_see_launched():
     no_memset = [{"cat": "kernel"}] * 3  # a captured memset that left no activity made no node
     assert [n for n, _ in kineto.align(no_memset, launches)] == [0, 2, 3]
     assert kineto.align([{"cat": "kernel"}] * 4, launches) is None  # another graph
+
+
+def test_a_steps_device_interval_counts_kernels_launched_outside_ops():
+    t = Trace()
+    t.mark(f"{kineto.MARK_ITERATION}0", 0.0, 100.0)
+    replay = t.mark(f"{kineto.MARK_REPLAY}5", 10.0, 20.0)  # a graph never seen captured: unmapped
+    t.kernel("graph kernel", 300.0, 50.0, t.api("cudaGraphLaunch", 15.0, replay), None)
+    parsed = parse(t.dict())
+    assert parsed.unmapped_replay_kernels == 1
+    it = parsed.iterations[0]
+    assert (it["device_start"], it["device_end"]) == (pytest.approx(300e-6), pytest.approx(350e-6))

@@ -426,3 +426,10 @@ def test_the_shipped_cpu_trace_gets_exact_features_for_nearly_all_device_time():
         total += r["device_duration"]
         exact_time += r["device_duration"] * exact
     assert exact_time / total > 0.97
+
+
+def test_rows_fill_optional_arguments_and_infinite_scalars():
+    clamp, exact = row_features("aten::clamp", ((4, 8),), ("float32",), "[0, 6]")
+    assert exact and clamp["numel"] == 32
+    fill, exact = row_features("aten::masked_fill", ((4, 8), (4, 8)), ("float32", "bool"), "[-inf]")
+    assert exact and fill["bytes"] == 4 * 8 * (4 + 1 + 4)  # input, mask, output

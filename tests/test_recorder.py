@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,6 +100,7 @@ def test_cpu_request_times_are_consistent_with_the_workload(cpu_trace):
 
 def test_several_runs_are_separate_run_ids_and_warmup_is_marked(tmp_path):
     out = tmp_path / "runs"
+    started = datetime.now(UTC)
     results = record(
         RecordConfig(engine="hf-generate", model="tiny-llama", runs=2, warmup_requests=1),
         parse_workload("poisson:rate=inf,n=4,prompt=fixed(16),output=fixed(3)"),
@@ -106,8 +108,14 @@ def test_several_runs_are_separate_run_ids_and_warmup_is_marked(tmp_path):
         load_config("tiny-llama"),
     )
     assert [r.trace_dir for r in results] == [out / "run-1", out / "run-2"]
-    run_ids = {row["run_id"] for row in read_table(str(out / "run-*"), "run").to_pylist()}
-    assert run_ids == {r.run_id for r in results} and len(run_ids) == 2
+    runs = read_table(str(out / "run-*"), "run").to_pylist()
+    assert {row["run_id"] for row in runs} == {r.run_id for r in results} and len(runs) == 2
+    ended = datetime.now(UTC)
+    for row, result in zip(sorted(runs, key=lambda r: r["started_at"]), results, strict=True):
+        assert (
+            started <= row["started_at"]
+            and (ended - row["started_at"]).total_seconds() >= result.wall_seconds
+        )
     ops = read_table(out / "run-1", "ops").to_pylist()
     warm = [op for op in ops if op["warmup"]]
     assert warm and all(op["host_start"] < 0 and op["iteration_id"] is None for op in warm)
