@@ -138,7 +138,6 @@ class Parsed:
     ops: list[dict]
     kernels: list[dict]
     iterations: dict[int, dict]  # iteration id -> host / device interval and event counts
-    origin_us: float
     unmapped_replay_kernels: int = 0
     replays: int = 0
 
@@ -254,7 +253,7 @@ def parse(
         for op_row in replay_rows.values():
             _device_span(op_row, op_row.pop("_kernels"), synchronous=False)
     iterations = _iterations(host, kernel_rows, steps, origin)
-    return Parsed(rows, kernel_rows, iterations, origin, unmapped, len(replays))
+    return Parsed(rows, kernel_rows, iterations, unmapped, len(replays))
 
 
 def _nest(host: list[HostEvent]) -> None:

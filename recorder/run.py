@@ -268,10 +268,6 @@ class GraphMarks:
         for name, fn in self._saved.items():
             setattr(torch.cuda.CUDAGraph, name, fn)
 
-    @property
-    def graphs(self) -> int:
-        return self._count
-
 
 def _graph_marks(device: str, profiled: bool):
     """CUDA graph captures and replays are marked when a CUDA run is profiled."""
@@ -356,7 +352,7 @@ def _record_one(
                 keep=config.keep_profile,
             )
         else:
-            parsed = kineto.Parsed(ops=[], kernels=[], iterations=marks.spans(), origin_us=0.0)
+            parsed = kineto.Parsed(ops=[], kernels=[], iterations=marks.spans())
         export = time.perf_counter() - export0
     except BaseException:
         writer.close(complete=False)  # what was written stays readable; the run row says incomplete
