@@ -32,6 +32,8 @@ format: $(STAMP)
 bench: $(STAMP)  ## speed benchmarks (ratios taken in one run)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/recorder_overhead.py
+	$(PY) benchmarks/fit_speed.py
+	$(PY) benchmarks/cross_hardware.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,7 +16,7 @@ from torch._ops import OpOverload
 
 from replayer.memory import Storage
 from replayer.tensor import _INTEGRAL, _STRIDED, Meta, VTensor, _wrap, make, meta_of, value_allowed
-from revati.op_features import launches_kernel, op_dtype, op_features
+from revati.op_features import op_dtype, op_features
 
 if TYPE_CHECKING:
     from replayer.session import Emulator
@@ -268,9 +268,8 @@ class Dispatcher:
                 outs.append(("new", Meta.of_tensor(m)))
         key, features = op_features(func, margs, mkwargs, mout)
         dtype = op_dtype(margs, mkwargs)
-        launches = launches_kernel(func) and features.get("kernel", 1.0) != 0.0
         cost = self.emu.cost
-        duration = cost.device_time(key, features, dtype) if launches else 0.0
+        duration = cost.device_time(key, features, dtype)  # 0 for an op that launches no kernel
         value_ok = all(
             o is None or o[0] == "const" or value_allowed(m.dtype, m.numel())
             for o, m in zip(outs, mouts, strict=True)
@@ -279,7 +278,7 @@ class Dispatcher:
         sig = Signature(
             key=key,
             duration=duration,
-            host=cost.host_time(key),
+            host=_host_cost(cost, key, duration),
             outs=outs,
             kind=kind,
             mutated=written,
@@ -298,7 +297,7 @@ class Dispatcher:
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
             scalars=_scalars(args, kwargs),
             sig_id=len(self.signatures),
-            extrapolated=getattr(cost, "extrapolated", lambda k, f: False)(key, features),
+            extrapolated=_extrapolated(cost, key, features, dtype),
         )
         self.signatures.append(sig)
         return sig
@@ -407,8 +406,9 @@ class Dispatcher:
         key, features = op_features(func, _map_tensors(args, meta_of), {}, [meta_of(r) for r in reals])
         dtype = op_dtype(args, kwargs)
         cost = self.emu.cost
+        duration = cost.device_time(key, features, dtype)
         sig = Signature(
-            key=key, duration=cost.device_time(key, features, dtype), host=cost.host_time(key),
+            key=key, duration=duration, host=_host_cost(cost, key, duration),
             outs=[], kind=None, mutated=(), names=[], value_ok=True, fast=None, fast_view=None,
             input_shapes=[list(t.shape) for t in tensors],
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
@@ -558,3 +558,13 @@ def _all_valued(tensors: list) -> bool:
         if type(t) is VTensor and (t._value is None or t._vstorage.value is None):
             return False
     return True
+
+
+def _host_cost(cost, key: str, duration: float) -> float:
+    """Host time to issue an op; on a synchronous device (a CPU profile) the host also waits it out."""
+    return cost.host_time(key) + (duration if getattr(cost, "synchronous", False) else 0.0)
+
+
+def _extrapolated(cost, key: str, features, dtype) -> bool:
+    check = getattr(cost, "extrapolated", None)
+    return bool(check(key, features, dtype)) if check is not None else False

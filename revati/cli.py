@@ -70,10 +70,15 @@ def emulate(
     ctx: typer.Context,
     engine: str = ENGINE_OPTION,
     model: str = MODEL_OPTION,
-    gpu: str = typer.Option("h100", help="Virtual GPU kind (h100, h200, a100, l40s, ...)."),
+    gpu: str | None = typer.Option(
+        None,
+        help="Virtual GPU kind (h100, h200, a100, l40s, ...); default: the profile's device, else h100.",
+    ),
     workload: str = WORKLOAD_OPTION,
-    profile: Path | None = typer.Option(
-        None, help="A profile fitted by `revati fit` (default: the roofline)."
+    profile: str | None = typer.Option(
+        None,
+        help="A profile fitted by `revati fit`, or 'roofline' (default: the profile shipped for the GPU, "
+        "else the roofline).",
     ),
     host_time: str = typer.Option("deterministic", help="Host time: 'deterministic' (modeled) or 'wall'."),
     out: Path | None = typer.Option(None, help="Trace directory to write (default: runs/emu-<time>)."),
@@ -95,7 +100,7 @@ def emulate(
                     f"{', '.join(unused)} {verb} not apply to a script run (`revati emulate -- python ...`): "
                     "the script builds its own model and workload; only --gpu and --host-time do"
                 )
-            _emulate_script(ctx.args, gpu, host_time)
+            _emulate_script(ctx.args, gpu or "h100", host_time)
             return
         if ops not in ("all", "sample", "none"):
             raise BadInput(f"--ops must be all, sample or none, not {ops!r}")
@@ -173,6 +178,116 @@ def record(
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
     _run_recording(plan, as_json)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  revati fit traces/cpu/small-hf-cb -o cpu.parquet\n\n"
+        "  revati fit traces/h100/*/ -o h100.parquet      # full runs plus their --capture timeline twins\n\n"
+        "  revati fit runs/h100-* -o h100.parquet --holdout 0.2 --json\n\n"
+        "  revati emulate --profile h100.parquet --gpu h200     # scaled by the hardware table"
+    ),
+)
+def fit(
+    traces: list[Path] = typer.Argument(
+        ..., help="Trace directories written by `revati record` (one device)."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Profile file to write (Parquet)."),
+    holdout: float = typer.Option(0.2, help="Fraction of engine steps held out to measure the error."),
+    seed: int = typer.Option(0, help="Seed of the held-out split."),
+    rows: int = typer.Option(25, help="Op keys shown in the table (largest share of device time first)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Fit per-op duration models on recorded traces; report held-out error; write a profile."""
+    from revati.fit import FitError
+    from revati.fit import fit as fit_traces
+    from revati.schema import TraceError
+
+    if output.exists() and output.is_dir():
+        _fail(
+            f"-o {output} is a directory; give the profile's file name (e.g. {output}/profile.parquet)",
+            _BAD_INPUT,
+        )
+    if not 0.0 <= holdout < 1.0:
+        _fail(f"--holdout must be at least 0 and below 1, not {holdout}", _BAD_INPUT)
+    if output.is_file():
+        from revati.profile import Profile, ProfileError
+
+        try:
+            Profile.read(output)  # refitting over an older profile is fine; over anything else it is not
+        except ProfileError:
+            _fail(f"-o {output} exists and is not a Revati profile; it is left as it is", _BAD_INPUT)
+    progress = Progress(
+        TextColumn("[bold]fitting[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        console=err_console, transient=True,
+    )  # fmt: skip
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    try:
+        with progress:
+            result = fit_traces(traces, holdout=holdout, seed=seed, progress=on_progress)
+    except (FitError, TraceError) as e:
+        _fail(str(e), _BAD_INPUT)
+    try:
+        result.profile.path = str(result.profile.write(output))
+    except OSError as e:
+        _fail(f"-o {output}: cannot write the profile ({e.strerror or e})", _BAD_INPUT)
+    if as_json:
+        out_console.print_json(json.dumps(result.summary()))
+        return
+    _print_fit(result, rows)
+
+
+def _print_fit(result, rows: int) -> None:
+    table = Table(
+        title=f"revati fit · {result.profile.device.get('name')} · held-out error per op row",
+        title_justify="left",
+        box=None,
+    )
+    table.add_column("op key", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    for name in ("rows", "shapes", "median", "p90", "share"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for k in result.keys[:rows]:
+        features = ",".join(f for f in k.features if f != "1")
+        table.add_row(
+            k.key.removeprefix("aten::").removeprefix("revati::"),
+            k.dtype.replace("bfloat16", "bf16").replace("float", "fp") or "-",
+            f"{k.form}({features})" if features else k.form, _count(k.samples), _count(k.signatures),
+            _pct(k.holdout_median), _pct(k.holdout_p90), f"{k.time_share:.1%}",
+        )  # fmt: skip
+    if len(result.keys) > rows:
+        rest = sum(k.time_share for k in result.keys[rows:])
+        table.add_row(f"… {len(result.keys) - rows} more", *[""] * 6, f"{rest:.1%}", style="dim")
+    out_console.print(table)
+    for note in result.notes:
+        err_console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+    out_console.print(
+        f"[bold]held-out error per engine step[/] (time-weighted, {result.holdout_iterations} steps): "
+        f"device time [bold]{_pct(result.device_error)}[/], host time {_pct(result.host_error)}",
+        highlight=False,
+    )
+    out_console.print(
+        f"{result.rows:,} op rows, {result.signatures:,} shapes, {result.seconds:.1f} s · "
+        f"wrote {escape(str(result.profile.path))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1000:.1f}k" if n >= 10_000 else str(n)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
 
 
 def _device(name: str) -> str:
@@ -411,7 +526,6 @@ def _fail(message: str, code: int) -> None:
 def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype) -> dict:
     """Validate every input before anything is built or written."""
     from revati.engines import ENGINES
-    from revati.hardware import gpu as gpu_spec
     from revati.models import load_config
     from revati.workloads import parse_workload
 
@@ -420,10 +534,9 @@ def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype
     _check_host_time(host_time)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise BadInput(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
-    try:
-        spec = gpu_spec(gpu_name)
-    except ValueError as e:
-        raise BadInput(str(e)) from None
+    spec, cost = _cost_model(profile, gpu_name)
+    if hasattr(cost, "serving"):
+        cost = cost.serving(engine)  # host costs as recorded with this engine, where it was
     try:
         model_config = load_config(model)
     except (ValueError, OSError) as e:
@@ -432,7 +545,6 @@ def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype
         work = parse_workload(workload_spec)
     except (ValueError, OSError) as e:
         raise BadInput(str(e)) from None
-    cost = _cost_model(profile, spec)
     if out is None:
         out = Path("runs") / f"emu-{datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and not out.is_dir():
@@ -450,29 +562,31 @@ def _check_host_time(host_time: str) -> None:
         raise BadInput(f"--host-time must be 'wall' or 'deterministic', not {host_time!r}")
 
 
-def _cost_model(profile: Path | None, spec):
+def _cost_model(profile: str | None, gpu_name: str | None):
+    """The virtual GPU and what prices its ops: a fitted profile (scaled to another GPU when asked), the
+    profile shipped for the GPU, or the roofline."""
     from revati.cost import Roofline
+    from revati.hardware import gpu as gpu_spec
+    from revati.profile import Profile, ProfileError, shipped_profile
 
-    if profile is None:
-        return Roofline(spec)
-    if not profile.exists():
-        raise BadInput(f"--profile {profile}: no such file")
+    spec = None
+    if gpu_name is not None or profile in (None, "roofline"):
+        try:
+            spec = gpu_spec(gpu_name or "h100")
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+    if profile == "roofline":
+        return spec, Roofline(spec)
+    path = Path(profile) if profile is not None else shipped_profile(spec.key)
+    if path is None:
+        return spec, Roofline(spec)
     try:
-        import pyarrow.parquet as pq
-
-        columns = set(pq.read_schema(profile).names)
-    except Exception as e:  # pyarrow raises several types for a non-Parquet file
-        raise BadInput(
-            f"--profile {profile}: not a readable Parquet profile ({type(e).__name__}: {e})"
-        ) from None
-    missing = {"key", "form", "features", "coefficients"} - columns
-    if missing:
-        raise BadInput(
-            f"--profile {profile}: not a Revati profile (missing columns: {', '.join(sorted(missing))})"
-        )
-    raise BadInput(
-        f"--profile {profile}: fitted profiles are not supported by this build yet; omit --profile"
-    )
+        fitted = Profile.read(path)
+        if spec is None:
+            return fitted.device_spec(), fitted
+        return spec, fitted.on(spec)
+    except ProfileError as e:
+        raise BadInput(f"--profile: {e}") from None
 
 
 def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
@@ -486,7 +600,7 @@ def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
         gpu=plan["spec"].key,
         host_time=plan["host_time"],
         dtype=plan["dtype"],
-        profile=str(plan["profile"]) if plan["profile"] else None,
+        profile=getattr(plan["cost"], "path", None),
         ops=ops,
         options=plan["options"],
     )

@@ -38,6 +38,7 @@ class CostModel(Protocol):
     name: str
     launch_latency: float  # from a launch on the host to the kernel's earliest start
     sync_latency: float  # from the stream draining to a blocking host call returning
+    synchronous: bool  # the host waits for every op (a CPU): host time per op includes its device time
 
     def device_time(self, key: str, features: Features, dtype: torch.dtype | None) -> float:
         """Seconds the op's kernels occupy its stream; 0 for an op that launches none."""
@@ -81,6 +82,7 @@ class Roofline:
     host_view_op: float = 3e-6
     launch_latency: float = 5e-6
     sync_latency: float = 4e-6
+    synchronous: bool = False
     name: str = field(default="roofline")
 
     def device_time(self, key: str, features: Features, dtype: torch.dtype | None) -> float:
@@ -88,7 +90,7 @@ class Roofline:
         if features.get("kernel") == 0.0:
             return 0.0
         family = op_family(key)
-        floor = _FLOOR.get(family, _DEFAULT_FLOOR)
+        floor = kernel_floor(key)
         nbytes = features.get("bytes", 0.0)
         if family == "collective":
             return floor + self._collective_time(key, nbytes, features.get("group_size"))
@@ -99,7 +101,7 @@ class Roofline:
         if not flops:
             return floor + memory
         efficiency = self.attention_efficiency if family == "attention" else self.matmul_efficiency
-        compute = flops / (_peak_flops(self.gpu, dtype) * efficiency)
+        compute = flops / (peak_flops(self.gpu, dtype) * efficiency)
         return floor + max(compute, memory)
 
     def host_time(self, key: str) -> float:
@@ -122,7 +124,12 @@ class Roofline:
         return _RING_TRAFFIC[key](n) * nbytes / (link * self.memory_efficiency)
 
 
-def _peak_flops(spec: GpuSpec, dtype: torch.dtype | None) -> float:
+def kernel_floor(key: str) -> float:
+    """Seconds of a kernel's time that no GPU's FLOP/s or bandwidth shortens (launch, tail, sync)."""
+    return _FLOOR.get(op_family(key), _DEFAULT_FLOOR)
+
+
+def peak_flops(spec: GpuSpec, dtype: torch.dtype | None) -> float:
     # Integer and unknown dtypes run on CUDA cores; dtype None (no tensor argument) is taken as bf16.
     if dtype is None:
         return spec.bf16_flops

@@ -530,6 +530,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 # --- features of a trace row -------------------------------------------------------------------------
 
 _SCALAR_TYPES = ("Scalar", "int", "float", "bool", "SymInt", "number")
+_overload_that_took: dict[tuple, str] = {}  # (key, tensors, scalar types) -> the overload last accepted
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -549,7 +550,12 @@ def row_features(key: str, shapes: tuple, dtypes: tuple, scalars: str | None) ->
     if key == "revati::attention":
         return _attention_row(metas, values), True
     packet = _packet(key)
-    for name in packet.overloads() if packet is not None else ():
+    overloads = packet.overloads() if packet is not None else []
+    shape_of_call = (key, len(metas), tuple(type(v).__name__ for v in values))
+    last = _overload_that_took.get(shape_of_call)
+    if last is not None:  # rows of one op usually take the overload the previous row took: try it first
+        overloads = [last, *(name for name in overloads if name != last)]
+    for name in overloads:
         func = getattr(packet, name)
         args = _row_args(func, metas, values)
         if args is None:
@@ -559,6 +565,7 @@ def row_features(key: str, shapes: tuple, dtypes: tuple, scalars: str | None) ->
                 out = func(*args)
         except Exception:  # noqa: BLE001 - this overload does not take the row; try the next
             continue
+        _overload_that_took[shape_of_call] = name
         return op_features(func, tuple(args), {}, out)[1], True
     inputs = {f"input{i}": t for i, t in enumerate(metas)}
     return elementwise(aten.add.Tensor, inputs, None), False

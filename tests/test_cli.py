@@ -69,7 +69,7 @@ BAD_INPUTS = [
     pytest.param(
         ["--profile", "{tmp}/profile.parquet"],
         {"profile.parquet": "a,b\n1,2\n"},
-        ["profile.parquet", "not a readable Parquet profile"],
+        ["profile.parquet", "not a readable Parquet file"],
         id="profile-not-parquet",
     ),
     pytest.param(

@@ -11,10 +11,10 @@ from revati.models import CONFIG_DIR, build_model, load_config, model_names, par
 
 
 def test_shipped_models():
-    assert {"llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "tiny-llama"} <= set(model_names())
+    assert {"llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "tiny-llama", "small-llama"} <= set(model_names())
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "tiny-llama"])
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "tiny-llama", "small-llama"])
 def test_configs_load_in_bfloat16(name):
     config = load_config(name)
     assert config.dtype == torch.bfloat16

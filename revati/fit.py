@@ -1,0 +1,946 @@
+"""Fit: per-op duration models from recorded traces, written as a profile (`revati.profile`).
+
+The unit of fitting is the op *signature* (key, input shapes, dtypes, scalars): op rows of one signature
+are one point, their mean duration the target and their count its weight. Signatures are few (thousands
+where rows are millions), so fitting is quick, and a noisy single timing (a CPU op preempted) weighs in
+only through its signature's mean.
+
+Per (op key, dtype), candidate forms (`revati.profile`) are fitted with statsmodels for relative error
+(WLS with weights count / y², or OLS on logs) and the one with the smallest cross-validated error wins;
+folds hold out whole signatures, so the error is that of shapes the form has not seen. A key with fewer
+than `MIN_SIGNATURES` signatures gets its family's pooled model, scaled to its own measurements.
+
+Held-out check: a fraction of the engine steps (iterations) is set aside before fitting. The headline is
+the time-weighted error of predicted against measured device time per held-out step:
+sum |predicted - measured| / sum measured. Single op timings are noisy; steps are what the clock adds.
+
+Host time: per key, the mean host time from one op's start to the next op's start (the op's own issue
+cost plus the serving code that follows it), less the profiler's calibrated cost on a CPU recording, less
+the op's own device time on a synchronous device, less waits for the device; gaps far above their key's
+median are stalls (idle between requests, profiler flushes) and count as the median. Where a timeline twin
+(the same run without the profiler) is given, the profiler's remaining slow-down of the host is divided out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import statsmodels.api as sm
+
+from revati.op_features import Features, op_family, row_features
+from revati.profile import PROFILE_VERSION, OpModel, Profile
+from revati.schema import read_table
+
+MIN_SIGNATURES = 3  # fewer and a key borrows its family's pooled model
+FOLDS = 5
+_MIN_HOST_ROWS = 20  # rows of a key an engine needs for host costs of its own
+_STALL = 20  # a host gap this many times its op's median is a stall (`_drop_stalls`)
+# Ops whose host time includes waiting for the device (a read back to the host): the clock models the wait
+_SYNC_KEYS = {
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::_to_copy",
+    "aten::copy_",
+    "aten::equal",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique2",
+}
+_PRIMARY = ("flops", "bytes", "numel")  # the features linear regressions may use
+_SHAPES = {"matmul": ("m", "n", "k"), "attention": ("batch", "heads", "q_len", "kv_len", "head_dim")}
+# The axis a 'table' model interpolates along, and the features that must match (module doc of profile)
+_AXIS = {
+    "matmul": ("m", ("n", "k", "batch")),
+    "attention": ("flops", ("heads", "kv_heads", "head_dim", "causal")),
+}
+_DEFAULT_AXIS = ("bytes", ())
+
+Progress = Callable[[str, int, int], None]
+
+
+class FitError(ValueError):
+    """Traces that cannot be fitted: none, empty, or of different devices."""
+
+
+@dataclass
+class KeyReport:
+    """How the model of one (key, dtype) did: what `revati fit` prints per row."""
+
+    key: str
+    dtype: str
+    form: str
+    features: tuple[str, ...]
+    samples: int
+    signatures: int
+    cv_error: float | None
+    holdout_median: float | None
+    holdout_p90: float | None
+    time_share: float
+
+
+@dataclass
+class FitResult:
+    """A fitted profile and the held-out evaluation that goes with it."""
+
+    profile: Profile
+    keys: list[KeyReport]
+    holdout_iterations: int
+    device_error: float | None  # time-weighted held-out error per step (the headline)
+    host_error: float | None  # the same for host time per step
+    rows: int
+    signatures: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Everything as plain JSON-able values (for `revati fit --json`)."""
+        return {
+            "profile": self.profile.path,
+            "device": self.profile.device.get("name"),
+            "rows": self.rows,
+            "signatures": self.signatures,
+            "holdout_iterations": self.holdout_iterations,
+            "device_error": self.device_error,
+            "host_error": self.host_error,
+            "seconds": self.seconds,
+            "notes": self.notes,
+            "keys": [vars(k) | {"features": list(k.features)} for k in self.keys],
+        }
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """Op rows as arrays, signatures as lists: what the fitting works on."""
+
+    runs: list[dict]
+    sig: np.ndarray  # per row: signature index
+    device: np.ndarray  # per row: measured device seconds
+    host: np.ndarray  # per row: host seconds to the next op (nan where unknown)
+    step: np.ndarray  # per row: step index (-1 outside steps)
+    graph: np.ndarray  # per row: a CUDA-graph replay (no host cost of its own)
+    captured: np.ndarray  # per row: launched while a graph was captured (host cost, nothing on the device)
+    keys: list[str]  # per signature
+    dtypes: list[str]
+    features: list[Features]
+    exact: list[bool]
+    steps: int
+    step_host: np.ndarray  # per step: measured host span, profiler cost removed
+    host_scales: dict[str, float]  # per run: the profiler's host slow-down removed (timeline twins)
+    engine: np.ndarray  # per row: the serving engine of its run
+
+
+# Named steps of the reading query: op rows that ran while serving, their signatures, the engine steps.
+_SQL = {
+    "ops": """
+        create temp table ops as
+        select *, coalesce(scalars, '') as scalars_key from ops_table
+        where not warmup
+    """,
+    "signatures": """
+        create temp table signatures as
+        select name, input_shapes, dtypes, scalars_key, any_value(scalars) as scalars,
+               (row_number() over (order by name, input_shapes, dtypes, scalars_key)) - 1 as sig
+        from ops group by name, input_shapes, dtypes, scalars_key  -- numbered in order: fits are repeatable
+    """,
+    "steps": """
+        create temp table steps as
+        select run_id, iteration_id, host_start, host_end,
+               (row_number() over (order by run_id, iteration_id)) - 1 as step
+        from iterations_table
+    """,
+    "rows": """
+        select s.sig, o.device_duration, o.in_graph and o.parent_id is not null as replay,
+               o.in_graph and o.parent_id is null as captured, coalesce(st.step, -1) as step, o.run_id,
+               o.host_duration, o.host_start,
+               -- host time from this op's start to the next op's start (the run's last op: its step's end)
+               coalesce(lead(o.host_start) over w, st.host_end) - o.host_start as gap
+        from ops o
+        join signatures s using (name, input_shapes, dtypes, scalars_key)
+        left join steps st on st.run_id = o.run_id and st.iteration_id = o.iteration_id
+        -- a CUDA-graph replay's rows sit at the graph's launch: the op before it ends there
+        window w as (partition by o.run_id order by o.host_start, o.op_id)
+        order by o.run_id, o.rank, o.op_id
+    """,
+    "signature_list": "select name, input_shapes, dtypes, scalars from signatures order by sig",
+    "step_spans": """
+        select st.run_id, st.host_end - st.host_start as span, i.phase
+        from steps st join iterations_table i using (run_id, iteration_id) order by st.step
+    """,
+}
+
+
+def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise FitError("no traces given: pass the directories `revati record` wrote")
+    runs, ops_parts, step_parts, sources, timelines, requests = [], [], [], [], [], []
+    for i, path in enumerate(paths):
+        progress("reading traces", i, len(paths))
+        run = read_table(path, "run")
+        if run.num_rows == 0:
+            raise FitError(f"{path}: the trace has no run row; was the recording cut short?")
+        ops = read_table(path, "ops")
+        if ops.num_rows == 0:
+            steps = read_table(path, "iterations")
+            if steps.num_rows == 0:
+                raise FitError(f"{path}: the trace has no op rows and no engine steps; nothing to fit")
+            timelines.append((path, run.to_pylist(), steps))  # a timeline twin: step times without profiler
+            continue
+        for row in run.to_pylist():
+            runs.append(row)
+            sources.append(path)
+        ops_parts.append(ops)
+        step_parts.append(read_table(path, "iterations"))
+        requests.append(read_table(path, "requests"))
+    if not runs:
+        raise FitError(
+            f"{', '.join(paths)}: only timeline traces (`--capture timeline`, no op rows); nothing to fit. "
+            "Pass full recordings, with their timeline twins if you have them"
+        )
+    _check_one_device(
+        runs + [r for _, rows, _ in timelines for r in rows],
+        sources + [p for p, rows, _ in timelines for _ in rows],
+    )
+    progress("reading traces", len(paths), len(paths))
+    ops_table = pa.concat_tables(ops_parts)  # noqa: F841 - read by DuckDB by name
+    iterations_table = pa.concat_tables(step_parts)  # noqa: F841
+    con = duckdb.connect()
+    for name in ("ops", "signatures", "steps"):
+        con.execute(_SQL[name])
+    result = con.execute(_SQL["rows"]).fetchnumpy()
+    sigs = con.execute(_SQL["signature_list"]).fetchall()
+    step_table = con.execute(_SQL["step_spans"]).fetchnumpy()
+    spans = np.asarray(step_table["span"], dtype=np.float64)
+    if len(result["sig"]) == 0:
+        raise FitError(f"{', '.join(paths)}: every op row is a warm-up row; nothing recorded while serving")
+    fallback_dtype = _run_dtype(runs)
+    keys, dtypes, features, exact = [], [], [], []
+    for i, (name, shapes, types, scalars) in enumerate(sigs):
+        if i % 256 == 0:
+            progress("op features", i, len(sigs))
+        types = tuple(fallback_dtype if t == "unknown" else t for t in types)
+        f, ok = row_features(name, tuple(tuple(s) for s in shapes), types, scalars)
+        keys.append(name)
+        dtypes.append(types[0] if types else "")
+        features.append(f)
+        exact.append(ok)
+    progress("op features", len(sigs), len(sigs))
+    sig = result["sig"].astype(np.int64)
+    device = np.asarray(result["device_duration"], dtype=np.float64)
+    step = result["step"].astype(np.int64)
+    gap = np.asarray(result["gap"], dtype=np.float64)
+    host_duration = np.asarray(result["host_duration"], dtype=np.float64)
+    graph = np.asarray(result["replay"], dtype=bool)
+    captured = np.asarray(result["captured"], dtype=bool)
+    profiler_cost = _profiler_cost(runs, np.asarray(result["run_id"]), host_duration, device)
+    synchronous = _synchronous(runs)
+    host = gap - profiler_cost - (device if synchronous else 0.0)
+    host[graph] = np.nan
+    n_steps = len(spans)
+    inside = step >= 0
+    step_host = spans - np.bincount(step[inside], weights=profiler_cost[inside], minlength=n_steps)
+    starts = np.asarray(result["host_start"], dtype=np.float64)
+    host -= _idle_overlap(np.asarray(result["run_id"]), starts + host_duration, starts + gap, requests)
+    if not synchronous:
+        _drop_waits(host, host_duration, sig, keys)
+        key_ids = np.unique(np.array(keys, dtype=object), return_inverse=True)[1][sig]
+        stalls = _drop_stalls(host, host_duration, key_ids)
+        step_host -= np.bincount(step[inside], weights=stalls[inside], minlength=n_steps)
+    replaying = set(np.unique(np.asarray(result["run_id"])[graph]).tolist()) if graph.any() else set()
+    scales = _host_scales([r for r in runs if r["run_id"] not in replaying], step_table, step_host, timelines)
+    if scales:
+        host *= _per_row(scales, np.asarray(result["run_id"]), 1.0).astype(float)
+        step_host *= _per_row(scales, np.asarray(step_table["run_id"]), 1.0).astype(float)
+    engine_of = {r["run_id"]: r["engine"] for r in runs}
+    run_ids = np.asarray(result["run_id"])
+    return _Data(
+        runs,
+        sig,
+        device,
+        host,
+        step,
+        graph,
+        captured,
+        keys,
+        dtypes,
+        features,
+        exact,
+        n_steps,
+        step_host,
+        scales,
+        _per_row(engine_of, run_ids),
+    )
+
+
+def _per_row(per_run: dict, run_ids: np.ndarray, default="") -> np.ndarray:
+    """A value per row from a value per run id (via the distinct ids: rows are millions, runs few)."""
+    distinct, inverse = np.unique(run_ids, return_inverse=True)
+    return np.array([per_run.get(r, default) for r in distinct], dtype=object)[inverse]
+
+
+def _twin_key(run: dict) -> tuple:
+    """What a run and its timeline twin share: engine, model, workload and engine options."""
+    options = json.dumps(_extra(run).get("options") or {}, sort_keys=True)
+    return run["engine"], run["model"], run["workload"], options
+
+
+def _host_scales(runs: list[dict], steps: dict, step_host: np.ndarray, timelines: list) -> dict[str, float]:
+    """Per run, how much the profiler slowed the host: median decode step of a timeline twin (same
+    engine, model and workload, recorded without the profiler) over the run's own; runs without a twin
+    take the mean over their engine's twins (same options). A CPU recording calibrates the profiler's
+    cost instead; runs that replay CUDA graphs are left alone (a replayed step's span is not host work)."""
+    if not timelines or _synchronous(runs):
+        return {}
+
+    def median_step(spans: np.ndarray, phases: np.ndarray) -> float | None:
+        decode = spans[phases == "decode"]
+        chosen = decode if decode.size else spans
+        return float(np.median(chosen)) if chosen.size else None
+
+    unprofiled: dict[tuple, float] = {}
+    for _, rows, table in timelines:
+        spans = np.asarray(table["host_end"]) - np.asarray(table["host_start"])
+        value = median_step(spans, np.asarray(table["phase"]))
+        for row in rows:
+            if value:
+                unprofiled[_twin_key(row)] = value
+    scales: dict[str, float] = {}
+    for run in runs:
+        twin = unprofiled.get(_twin_key(run))
+        mine = np.asarray(steps["run_id"]) == run["run_id"]
+        profiled = median_step(step_host[mine], np.asarray(steps["phase"])[mine])
+        if twin and profiled:
+            scales[run["run_id"]] = min(1.0, twin / profiled)
+    by_engine: dict[tuple, list[float]] = {}
+    for run in runs:
+        if run["run_id"] in scales:
+            by_engine.setdefault(_twin_key(run)[::3], []).append(scales[run["run_id"]])
+    everything = [v for values in by_engine.values() for v in values]
+    for run in runs:
+        if run["run_id"] not in scales and everything:
+            scales[run["run_id"]] = float(np.mean(by_engine.get(_twin_key(run)[::3], everything)))
+    return scales
+
+
+def _drop_waits(host: np.ndarray, host_duration: np.ndarray, sig: np.ndarray, keys: list[str]) -> None:
+    """An op that can wait for the device (a read back to the host) keeps, of its own duration, only what
+    it takes when it does not wait (its 10th percentile): the emulator's clock adds the waits itself."""
+    waits = np.array([k in _SYNC_KEYS for k in keys])[sig]
+    for key in {k for k in keys if k in _SYNC_KEYS}:
+        mine = waits & (np.array(keys, dtype=object)[sig] == key)
+        own = float(np.quantile(host_duration[mine], 0.1)) if mine.any() else 0.0
+        host[mine] = host[mine] - host_duration[mine] + np.minimum(host_duration[mine], own)
+
+
+def _drop_stalls(host: np.ndarray, own: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """An op whose own duration is over `_STALL` times its key's median (and over 1 ms) stalled inside:
+    the profiler flushing its buffers (97 ms in the first attention of every hf-cb step on the H100), or a
+    wait for the device inside the op. The excess is taken out of its host time and returned per row (for
+    the step's span). Time after an op (the serving code's own work) is never a stall."""
+    removed = np.zeros(len(host))
+    ok = np.isfinite(host)
+    if not ok.any():
+        return removed
+    medians = np.full(int(key.max()) + 1, np.nan)
+    order = np.argsort(key[ok], kind="stable")
+    keys, values = key[ok][order], own[ok][order]
+    bounds = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        medians[keys[a]] = np.median(values[a:b])
+    stalled = ok & (own > np.maximum(_STALL * medians[key], 1e-3))
+    removed[stalled] = own[stalled] - medians[key[stalled]]
+    host[stalled] -= removed[stalled]
+    return removed
+
+
+def _idle_overlap(run_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, requests: list) -> np.ndarray:
+    """Seconds of each [start, end] during which no request was in flight: the engine idling for the next
+    arrival is not host cost (the emulator jumps over idle time)."""
+    overlap = np.zeros(len(starts))
+    if not requests:
+        return overlap
+    table = pa.concat_tables(requests)
+    for run_id in np.unique(run_ids):
+        mine = run_ids == run_id
+        rows = [
+            r for r in table.filter(pa.compute.equal(table["run_id"], run_id)).to_pylist() if r["token_times"]
+        ]
+        if not rows:
+            continue
+        spans = sorted((r["arrival"], r["token_times"][-1]) for r in rows)
+        # idle time since serving started, piecewise linear in time: slope 1 while idle, flat while busy
+        first = max(spans[0][0], 0.0)
+        points, idle, busy_until = [(0.0, 0.0), (first, first)], first, first
+        for arrival, done in spans:
+            if arrival > busy_until:
+                points.append((busy_until, idle))
+                idle += arrival - busy_until
+                points.append((arrival, idle))
+            busy_until = max(busy_until, done)
+        points.append((busy_until, idle))
+        t, f = np.array(points).T
+        start, end = np.nan_to_num(starts[mine]), np.nan_to_num(ends[mine])
+        overlap[mine] = np.maximum(_idle_before(end, t, f) - _idle_before(start, t, f), 0.0)
+    return overlap
+
+
+def _idle_before(x: np.ndarray, t: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Idle seconds before each x, from breakpoints (t, f); after the last completion all is idle."""
+    return np.interp(x, t, f) + np.maximum(x - t[-1], 0.0)
+
+
+def _check_one_device(runs: list[dict], sources: list[str]) -> None:
+    first = runs[0]
+    for row, source in zip(runs, sources, strict=True):
+        if (row["device_kind"], row["device_name"]) != (first["device_kind"], first["device_name"]):
+            raise FitError(
+                "traces of different devices in one fit: "
+                f"{sources[0]} was recorded on {first['device_name']} "
+                f"({first['device_kind']}), {source} on {row['device_name']} ({row['device_kind']}); "
+                "fit one profile per device"
+            )
+
+
+def _extra(run: dict) -> dict:
+    try:
+        return json.loads(run.get("extra") or "{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+def _run_dtype(runs: list[dict]) -> str:
+    return _extra(runs[0]).get("dtype") or ("float32" if runs[0]["device_kind"] == "cpu" else "bfloat16")
+
+
+def _synchronous(runs: list[dict]) -> bool:
+    return runs[0]["device_kind"] == "cpu"
+
+
+def _profiler_cost(runs: list[dict], run_ids: np.ndarray, host_duration: np.ndarray, device: np.ndarray):
+    """Seconds of profiler cost in each op's host gap, where the recording calibrated it (a CPU): the
+    cost inside the op's span (host - device duration) plus its own event's cost outside the span."""
+    cost = np.zeros(len(run_ids))
+    for run in runs:
+        extra = _extra(run)
+        per_event, inside = extra.get("profiler_event_overhead_us"), extra.get("profiler_inside_overhead_us")
+        if not per_event or run["device_kind"] != "cpu":
+            continue
+        mine = run_ids == run["run_id"]
+        cost[mine] = (host_duration[mine] - device[mine]) + max(0.0, per_event - (inside or 0.0)) / 1e6
+    return cost
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    """The signatures of one (key, dtype) with their training statistics."""
+
+    key: str
+    dtype: str
+    sigs: np.ndarray
+    counts: np.ndarray
+    means: np.ndarray
+
+
+def _candidates(key: str, features: list[Features]) -> list[tuple[str, tuple[str, ...]]]:
+    """(form, features) to try: a constant, straight lines in each primary feature, flops and
+    bytes together, a power law in the first primary feature, and one in the family's shape features."""
+    present = [f for f in _PRIMARY if all(f in x for x in features) and any(x[f] > 0 for x in features)]
+    varying = [
+        f for f in _SHAPES.get(op_family(key), ())
+        if all(f in x for x in features) and len({x[f] for x in features}) > 1
+    ]  # fmt: skip
+    shapes = [("1", f) for f in present]
+    if "flops" in present and "bytes" in present:
+        shapes.append(("1", "flops", "bytes"))
+    forms = [("linear", ("1",))]
+    forms += [("linear", names) for names in shapes]
+    if present:
+        forms.append(("power", ("1", present[0])))
+    if len(varying) > 1:
+        forms.append(("power", ("1", *varying)))
+    return forms
+
+
+def _design(features: list[Features], names: tuple[str, ...], form: str) -> np.ndarray:
+    X = np.array([[1.0 if n == "1" else f.get(n, 0.0) for n in names] for f in features])
+    if form == "power":
+        X[:, 1:] = np.log(np.maximum(X[:, 1:], 1.0))
+    return X
+
+
+def _solve(form: str, X: np.ndarray, y: np.ndarray, n: np.ndarray, quick: bool = False):
+    """Coefficients for relative error, then scaled so that the points' total time is kept.
+
+    'linear' is WLS with weights count / y²; 'power' is OLS on logs weighted by count (weights count / y
+    were tried and chose no better forms). Relative-error fits lean low (an over-prediction costs more
+    than an under-prediction of the same size), and a sum of steps does not forgive a lean: the final
+    scale makes the fitted points' predicted total equal their measured total.
+    statsmodels fits the models kept; `quick` (cross-validation folds) solves the same weighted least
+    squares with numpy, ten times faster.
+    """
+    if form == "power":
+        target, weights, scale = np.log(y), n, np.ones(X.shape[1])
+    else:
+        target, weights = y, n / y**2
+        scale = X.max(axis=0)  # columns span 1 to 1e12: scale them for a well-conditioned solve
+        scale[scale == 0] = 1.0
+    Xs = X / scale
+    if quick:
+        root = np.sqrt(weights)
+        coef = np.linalg.lstsq(Xs * root[:, None], target * root, rcond=None)[0] / scale
+    else:
+        coef = np.asarray(sm.WLS(target, Xs, weights=weights).fit().params) / scale
+    predicted = np.maximum(_predict(form, coef, X), y.min())
+    ratio = float(np.sum(n * y) / max(np.sum(n * predicted), 1e-30))
+    if form == "power":
+        coef[0] += math.log(ratio)
+    else:
+        coef = coef * ratio
+    return coef
+
+
+def _predict(form: str, coef: np.ndarray, X: np.ndarray) -> np.ndarray:
+    return np.exp(np.minimum(X @ coef, 50.0)) if form == "power" else X @ coef
+
+
+def _weighted_error(predicted: np.ndarray, y: np.ndarray, n: np.ndarray) -> float:
+    return float(np.sum(n * np.abs(predicted - y)) / max(np.sum(n * y), 1e-30))
+
+
+def _fit_group(
+    key: str, dtype: str, feats: list[Features], y: np.ndarray, n: np.ndarray, rng
+) -> OpModel | None:
+    """The best candidate form for these signature points, by cross-validated error (None if < 3)."""
+    k = len(y)
+    if k < MIN_SIGNATURES:
+        return None
+    folds = rng.permutation(k) % min(FOLDS, k)
+    best = None
+    for form, names in _candidates(key, feats):
+        if k - math.ceil(k / min(FOLDS, k)) < len(names) + 1:
+            continue  # too few signatures left in a fold to fit this form and check it
+        X = _design(feats, names, form)
+        predicted = np.empty(k)
+        for fold in range(min(FOLDS, k)):
+            test = folds == fold
+            coef = _solve(form, X[~test], y[~test], n[~test], quick=True)
+            predicted[test] = np.maximum(_predict(form, coef, X[test]), y[~test].min())
+        if not np.all(np.isfinite(predicted)):
+            continue
+        score = _weighted_error(predicted, y, n)
+        # a form with more parameters must beat a simpler one by 1 % of error to be chosen
+        if best is None or score < best[0] - 0.01 * (len(names) > len(best[2])):
+            best = (score, form, names, X)
+    if best is None:
+        return None
+    score, form, names, X = best
+    coef = _solve(form, X, y, n)
+    raw = np.array([[1.0 if name == "1" else f.get(name, 0.0) for name in names] for f in feats])
+    return OpModel(
+        target="device",
+        key=key,
+        dtype=dtype,
+        form=form,
+        features=names,
+        coefficients=tuple(float(c) for c in coef),
+        floor=float(y.min()),
+        samples=int(n.sum()),
+        signatures=k,
+        cv_error=score,
+        range_min=tuple(float(v) for v in raw.min(axis=0)),
+        range_max=tuple(float(v) for v in raw.max(axis=0)),
+    )
+
+
+def _tables(key: str, dtype: str, feats: list[Features], y: np.ndarray, n: np.ndarray) -> list[OpModel]:
+    """'table' models of a key: the mean time at each measured value of its axis, per shape that the
+    other features fix (profile module doc)."""
+    axis, fixed = _AXIS.get(op_family(key), _DEFAULT_AXIS)
+    if not all(axis in f and all(name in f for name in fixed) for f in feats):
+        return []
+    shapes: dict[tuple[float, ...], dict[float, list[float]]] = {}
+    for f, yi, ni in zip(feats, y, n, strict=True):
+        knot = shapes.setdefault(tuple(f[name] for name in fixed), {}).setdefault(f[axis], [0.0, 0.0])
+        knot[0] += yi * ni
+        knot[1] += ni
+    models = []
+    for where, knots in shapes.items():
+        xs = sorted(knots)
+        models.append(
+            OpModel(
+                target="device",
+                key=key,
+                dtype=dtype,
+                form="table",
+                features=(axis, *fixed),
+                coefficients=(),
+                samples=int(sum(knots[x][1] for x in xs)),
+                signatures=len(xs),
+                where=where,
+                knots_x=tuple(xs),
+                knots_y=tuple(knots[x][0] / knots[x][1] for x in xs),
+            )  # fmt: skip
+        )
+    return models
+
+
+def _scaled(
+    key: str, dtype: str, family: OpModel, feats: list[Features], y: np.ndarray, n: np.ndarray
+) -> OpModel:
+    """A key with few signatures: its family's model times the ratio of its measured to predicted time."""
+    predicted = np.array([family.predict(f) for f in feats])
+    ratio = float(np.sum(n * y) / max(np.sum(n * predicted), 1e-30))
+    raw = np.array([[1.0 if name == "1" else f.get(name, 0.0) for name in family.features] for f in feats])
+    return OpModel(
+        target="device",
+        key=key,
+        dtype=dtype,
+        form="scaled",
+        features=(f"family:{op_family(key)}",),
+        coefficients=(ratio,),
+        floor=float(y.min()),
+        samples=int(n.sum()),
+        signatures=len(y),
+        range_min=tuple(float(v) for v in raw.min(axis=0)),
+        range_max=tuple(float(v) for v in raw.max(axis=0)),
+    )
+
+
+def _const(key: str, dtype: str, y: np.ndarray, n: np.ndarray, target: str = "device") -> OpModel:
+    mean = float(np.sum(n * y) / max(np.sum(n), 1))
+    return OpModel(
+        target=target, key=key, dtype=dtype, form="const", features=("1",), coefficients=(mean,),
+        floor=0.0, samples=int(n.sum()), signatures=len(y), range_min=(1.0,), range_max=(1.0,),
+    )  # fmt: skip
+
+
+def _device_models(data: _Data, rows: np.ndarray, progress: Progress, seed: int) -> list[OpModel]:
+    """Device models fitted on the op rows selected by `rows`: per key, per family, and one for all."""
+    n_sigs = len(data.keys)
+    rows = rows & ~data.captured  # captured ops ran nothing on the device
+    counts = np.bincount(data.sig[rows], minlength=n_sigs).astype(float)
+    sums = np.bincount(data.sig[rows], weights=data.device[rows], minlength=n_sigs)
+    means = np.divide(sums, counts, out=np.zeros(n_sigs), where=counts > 0)
+    usable = (counts > 0) & (means > 0)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for s in np.flatnonzero(usable):
+        groups.setdefault((data.keys[s], data.dtypes[s]), []).append(int(s))
+    rng = np.random.default_rng(seed)
+
+    def points(sigs: list[int]):
+        idx = np.array(sigs)
+        return [data.features[i] for i in idx], means[idx], counts[idx]
+
+    models: list[OpModel] = []
+    pooled: dict[tuple[str, str], list[int]] = {}
+    for (key, dtype), sigs in groups.items():
+        pooled.setdefault((f"family:{op_family(key)}", dtype), []).extend(sigs)
+        pooled.setdefault(("family:*", dtype), []).extend(sigs)
+        pooled.setdefault(("family:*", "*"), []).extend(sigs)
+    families: dict[tuple[str, str], OpModel] = {}
+    for (name, dtype), sigs in pooled.items():
+        feats, y, n = points(sigs)
+        model = _fit_group(name, dtype, feats, y, n, rng) or _const(name, dtype, y, n)
+        families[(name, dtype)] = model
+        models.append(model)
+    total = float(np.sum(sums))
+    for i, ((key, dtype), sigs) in enumerate(sorted(groups.items())):
+        if i % 16 == 0:
+            progress("fitting", i, len(groups))
+        feats, y, n = points(sigs)
+        model = _fit_group(key, dtype, feats, y, n, rng)
+        if model is None:
+            family = families.get((f"family:{op_family(key)}", dtype))
+            model = (
+                _scaled(key, dtype, family, feats, y, n) if family is not None else _const(key, dtype, y, n)
+            )
+        models.append(_with(model, time_share=float(np.sum(n * y)) / max(total, 1e-30)))
+        models.extend(_tables(key, dtype, feats, y, n))
+    progress("fitting", len(groups), len(groups))
+    return models
+
+
+def _with(model: OpModel, **changes) -> OpModel:
+    return OpModel(**(vars(model) | changes))
+
+
+def _host_models(data: _Data, rows: np.ndarray) -> list[OpModel]:
+    """Per key, the mean host time per op over all engines and per engine with `_MIN_HOST_ROWS` rows
+    (waits and stalls taken out in `_read`); '*', the median over all ops, for keys never seen."""
+    ok = rows & np.isfinite(data.host)
+    host = data.host[ok]
+    names, key_of_sig = np.unique(np.array(data.keys, dtype=object), return_inverse=True)
+    keys = key_of_sig[data.sig[ok]]  # integers: sorting a million strings takes seconds
+    engine_names, engines = np.unique(data.engine[ok], return_inverse=True)
+    total = float(np.sum(np.maximum(host, 0)))
+    several = len(engine_names) > 1  # with one engine, its models are the pooled ones
+    models = []
+    for e in [-1, *(range(len(engine_names)) if several else [])]:
+        mine = engines == e if e >= 0 else np.ones(len(host), dtype=bool)
+        counts = np.bincount(keys[mine], minlength=len(names))
+        sums = np.bincount(keys[mine], weights=host[mine], minlength=len(names))
+        positive = np.bincount(keys[mine], weights=np.maximum(host[mine], 0), minlength=len(names))
+        engine = str(engine_names[e]) if e >= 0 else ""
+        for k in np.flatnonzero(counts >= (_MIN_HOST_ROWS if engine else 1)):
+            share = float(positive[k]) / max(total, 1e-30)
+            models.append(
+                _host_model(str(names[k]), float(sums[k] / counts[k]), int(counts[k]), share, engine)
+            )
+    if host.size:
+        models.append(_host_model("*", float(np.median(host)), host.size, 1.0, ""))
+    return models
+
+
+def _host_model(key: str, seconds: float, samples: int, share: float, engine: str) -> OpModel:
+    return OpModel(
+        target="host", key=key, dtype="", form="const", features=("1",), coefficients=(max(seconds, 0.0),),
+        samples=int(samples), signatures=0, time_share=share, range_min=(1.0,), range_max=(1.0,),
+        engine=engine,
+    )  # fmt: skip
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+
+def _predictions(profile: Profile, data: _Data) -> np.ndarray:
+    """Predicted device seconds per signature, through the profile exactly as the emulator asks it."""
+    import torch
+
+    out = np.empty(len(data.keys))
+    for i, (key, dtype, f) in enumerate(zip(data.keys, data.dtypes, data.features, strict=True)):
+        out[i] = profile.device_time(key, f, getattr(torch, dtype, None) if dtype else None)
+    return out
+
+
+def _evaluate(profile: Profile, data: _Data, held: np.ndarray, held_steps: np.ndarray):
+    """Held-out errors: per step (device and host, time-weighted) and per key (per row, relative)."""
+    per_sig = _predictions(profile, data)
+    predicted = per_sig[data.sig]
+    in_step = held & (data.step >= 0) & ~data.captured
+    n = data.steps
+    measured_steps = np.bincount(data.step[in_step], weights=data.device[in_step], minlength=n)
+    predicted_steps = np.bincount(data.step[in_step], weights=predicted[in_step], minlength=n)
+    chosen = held_steps & (measured_steps > 0)
+    device_error = (
+        float(
+            np.sum(np.abs(predicted_steps[chosen] - measured_steps[chosen])) / np.sum(measured_steps[chosen])
+        )
+        if chosen.any()
+        else None
+    )
+    host_error = None
+    host_cost = np.zeros(len(data.sig))
+    for engine in set(data.engine.tolist()):
+        mine = data.engine == engine
+        host_cost[mine] = np.array([profile.host_time(k, engine) for k in data.keys])[data.sig[mine]]
+    if profile.synchronous:
+        host_cost = host_cost + predicted
+    not_graph = held & (data.step >= 0) & ~data.graph
+    predicted_host = np.bincount(data.step[not_graph], weights=host_cost[not_graph], minlength=n)
+    if held_steps.any() and np.sum(data.step_host[held_steps]) > 0:
+        host_error = float(
+            np.sum(np.abs(predicted_host[held_steps] - data.step_host[held_steps]))
+            / np.sum(data.step_host[held_steps])
+        )
+    per_key: dict[tuple[str, str], np.ndarray] = {}
+    rows = np.flatnonzero(held & (data.device > 0))
+    errors = np.abs(predicted[rows] - data.device[rows]) / data.device[rows]
+    sig_of = data.sig[rows]
+    order = np.argsort(sig_of, kind="stable")
+    group_of = {}
+    for s in np.unique(sig_of):
+        group_of[s] = (data.keys[s], data.dtypes[s])
+    labels = [group_of[s] for s in sig_of[order]]
+    sorted_errors = errors[order]
+    start = 0
+    while start < len(labels):
+        end = start
+        while end < len(labels) and labels[end] == labels[start]:
+            end += 1
+        per_key.setdefault(labels[start], []).append(sorted_errors[start:end])  # type: ignore[arg-type]
+        start = end
+    return device_error, host_error, {k: np.concatenate(v) for k, v in per_key.items()}
+
+
+# --- the whole fit -----------------------------------------------------------------------------------
+
+
+def fit(
+    traces: Iterable[str | Path],
+    holdout: float = 0.2,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Fit a profile on traces; report its error on a held-out fraction of steps, then refit on all.
+
+    >>> result = fit(["traces/cpu/tiny-hf-cb"], holdout=0.2)
+    >>> result.device_error  # time-weighted held-out error of device time per step
+    """
+    if not 0.0 <= holdout < 1.0:
+        raise FitError(f"--holdout must be in [0, 1), not {holdout}")
+    progress = progress or (lambda stage, done, total: None)
+    started = time.perf_counter()
+    traces = [str(t) for t in traces]
+    data = _read(traces, progress)
+    rng = np.random.default_rng(seed)
+    held_steps = np.zeros(data.steps, dtype=bool)
+    if holdout > 0 and data.steps >= 2:
+        chosen = rng.permutation(data.steps)[: max(1, round(holdout * data.steps))]
+        held_steps[chosen] = True
+    held = (data.step >= 0) & held_steps[np.maximum(data.step, 0)]
+    train = ~held
+
+    notes: list[str] = []
+    device_error = host_error = None
+    per_key_errors: dict = {}
+    if held.any():
+        trial = _profile(data, train, progress, seed, traces)
+        device_error, host_error, per_key_errors = _evaluate(trial, data, held, held_steps)
+    else:
+        notes.append("no steps held out: errors not measured")
+    everything = np.ones(len(data.sig), dtype=bool)
+    profile = _profile(data, everything, progress, seed, traces)
+    profile.info.update(
+        {
+            "device_error": device_error,
+            "host_error": host_error,
+            "holdout": holdout,
+            "host_scales": data.host_scales,
+        }
+    )
+    if data.host_scales:
+        values = sorted(data.host_scales.values())
+        notes.append(
+            f"host times scaled by {values[0]:.2f}-{values[-1]:.2f} per run: the profiler's slow-down, "
+            "measured against timeline twins (`--capture timeline` runs of the same engine, model, workload)"
+        )
+
+    reports, models = [], []
+    for m in profile.models:
+        errors = per_key_errors.get((m.key, m.dtype))
+        if m.target == "device" and errors is not None and errors.size:
+            m = _with(m, holdout_median=float(np.median(errors)), holdout_p90=float(np.quantile(errors, 0.9)))
+        models.append(m)
+        if m.target == "device" and not m.key.startswith("family:"):
+            reports.append(
+                KeyReport(
+                    m.key,
+                    m.dtype,
+                    m.form,
+                    m.features,
+                    m.samples,
+                    m.signatures,
+                    m.cv_error,
+                    m.holdout_median,
+                    m.holdout_p90,
+                    m.time_share,
+                )  # fmt: skip
+            )
+    profile.models = models
+    profile.__post_init__()
+    inexact = sum(1 for ok in data.exact if not ok)
+    if inexact:
+        notes.append(
+            f"{inexact} of {len(data.exact)} signatures got fallback features (list arguments not kept)"
+        )
+    reports.sort(key=lambda r: -r.time_share)
+    return FitResult(
+        profile=profile,
+        keys=reports,
+        holdout_iterations=int(held_steps.sum()),
+        device_error=device_error,
+        host_error=host_error,
+        rows=len(data.sig),
+        signatures=len(data.keys),
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+
+
+@dataclass
+class Check:
+    """A profile's predictions against traces it may not have seen (`check`)."""
+
+    device_error: float | None  # time-weighted error of device time per step
+    host_error: float | None
+    predicted_seconds: float  # device time of all steps, predicted and measured
+    measured_seconds: float
+    steps: int
+    extrapolated_share: float  # of measured device time, predicted by anything but an exact in-range model
+
+
+def check(profile: Profile, traces: Iterable[str | Path]) -> Check:
+    """Predict every step of other traces with a profile and compare with what they measured.
+
+    >>> check(Profile.read("h100.parquet").on(gpu("h200")), ["traces/h200/gen-b32-p1024"]).device_error
+    """
+    import torch
+
+    data = _read([str(t) for t in traces], lambda stage, done, total: None)
+    all_steps = np.ones(data.steps, dtype=bool)
+    in_step = data.step >= 0
+    device_error, host_error, _ = _evaluate(profile, data, in_step, all_steps)
+    in_step &= ~data.captured
+    predicted = _predictions(profile, data)[data.sig]
+    flagged = np.array(
+        [
+            profile.extrapolated(k, f, getattr(torch, d, None) if d else None)
+            for k, f, d in zip(data.keys, data.features, data.dtypes, strict=True)
+        ]
+    )[data.sig]
+    measured = float(data.device[in_step].sum())
+    return Check(
+        device_error=device_error,
+        host_error=host_error,
+        predicted_seconds=float(predicted[in_step].sum()),
+        measured_seconds=measured,
+        steps=data.steps,
+        extrapolated_share=float(data.device[in_step & flagged].sum()) / max(measured, 1e-30),
+    )
+
+
+def _profile(data: _Data, rows: np.ndarray, progress: Progress, seed: int, traces: list[str]) -> Profile:
+    run = data.runs[0]
+    device = {
+        "kind": run["device_kind"],
+        "name": run["device_name"],
+        "sm_count": run["sm_count"],
+        "memory_bytes": run["memory_bytes"],
+        "torch_version": run["torch_version"],
+        "cuda_version": run["cuda_version"],
+        "driver_version": run["driver_version"],
+    }
+    import revati
+
+    return Profile(
+        models=_device_models(data, rows, progress, seed) + _host_models(data, rows),
+        device=device,
+        synchronous=_synchronous(data.runs),
+        launch_latency=0.0 if _synchronous(data.runs) else 5e-6,
+        sync_latency=0.0 if _synchronous(data.runs) else 4e-6,
+        info={
+            "traces": traces,
+            "runs": [r["run_id"] for r in data.runs],
+            "engines": sorted({r["engine"] for r in data.runs}),
+            "models": sorted({r["model"] for r in data.runs}),
+            "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "revati_version": getattr(revati, "__version__", "?"),
+            "profile_version": PROFILE_VERSION,
+        },
+    )
