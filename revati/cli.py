@@ -290,6 +290,83 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  revati compare traces/h100/cb-eager-timeline runs/emu-cb\n\n"
+        "  revati compare runs/rec-b runs/emu-b --json\n\n"
+        "  revati compare runs/rec-b runs/emu-b --plots plots/"
+    ),
+)
+def compare(
+    recorded: Path = typer.Argument(..., help="Trace directory (or directory of runs) taken as the truth."),
+    emulated: Path = typer.Argument(..., help="Trace directory compared with it (usually emulated)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object."),
+    plots: Path | None = typer.Option(
+        None, help="Write PNG plots (latency CDFs, step times, per-op error) here."
+    ),
+    rows: int = typer.Option(8, help="Op keys shown, largest time-weighted error first."),
+) -> None:
+    """Compare an emulated run with a recorded one: latency percentiles, throughput, per-request and
+    per-op error."""
+    from revati.analysis import compare as compare_traces
+    from revati.schema import TraceError
+
+    if plots is not None and plots.exists() and not plots.is_dir():
+        _fail(f"--plots {plots} is a file; give a directory for the PNGs", _BAD_INPUT)
+    try:
+        result = compare_traces([recorded], [emulated])
+    except TraceError as e:
+        _fail(str(e), _BAD_INPUT)
+    written = _plot_comparison([recorded], [emulated], plots) if plots is not None else []
+    if as_json:
+        out_console.print_json(json.dumps(result.summary() | {"plots": [str(p) for p in written]}))
+        return
+    for warning in result.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
+    _print_comparison(result, rows, written)
+
+
+def _print_comparison(result, rows: int, written: list) -> None:
+    table = Table(title="revati compare · recorded vs emulated", title_justify="left", box=None)
+    for name in ("metric", "recorded", "emulated", "error"):
+        table.add_column(name, justify="left" if name == "metric" else "right", no_wrap=True)
+    for name, (r, e, err) in result.figures.items():
+        if name.startswith("throughput"):
+            label, scale = f"throughput ({'tok/s' if 'tok' in name else 'req/s'})", 1.0
+        else:
+            label, scale = name.replace("_", " ") + " (ms)", 1e3
+        recorded, emulated = (None if x is None else x * scale for x in (r, e))
+        bold = "bold" if name.endswith(("p50", "tok_s")) else None
+        table.add_row(label, _fmt(recorded), _fmt(emulated), _pct(err), style=bold)
+    out_console.print(table)
+    if result.matched_requests:
+        per = ", ".join(f"{k.upper()} {_pct(v)}" for k, v in result.per_request.items())
+        out_console.print(
+            f"per request ({result.matched_requests} matched by id), mean relative error: {per}"
+        )
+    if result.op_keys:
+        ops = Table(
+            title="op keys by time-weighted error (shapes both sides ran)", title_justify="left", box=None
+        )
+        for name in ("op key", "measured s", "predicted s", "error"):
+            ops.add_column(name, justify="left" if name == "op key" else "right", no_wrap=True)
+        for k in result.op_keys[:rows]:
+            ops.add_row(k["key"], f"{k['measured']:.4f}", f"{k['predicted']:.4f}", _pct(k["error_share"]))
+        out_console.print(ops)
+        out_console.print(
+            f"shapes both sides ran hold {_pct(result.op_coverage)} of the recorded device time"
+        )
+    for path in written:
+        out_console.print(f"wrote {escape(str(path))}", highlight=False)
+
+
+def _plot_comparison(recorded, emulated, out: Path) -> list[Path]:
+    from revati.plots import comparison_plots
+
+    return comparison_plots(recorded, emulated, out)
+
+
 def _device(name: str) -> str:
     from recorder.device import DeviceError, check
 

@@ -389,7 +389,8 @@ def _read_part(path: Path, table: str) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _trace_dirs(path_or_glob: str | os.PathLike) -> list[Path]:
+def trace_dirs(path_or_glob: str | os.PathLike) -> list[Path]:
+    """The run directories a path names: itself, the runs of a `--runs N` directory, or a glob's matches."""
     text = str(path_or_glob)
     if any(c in text for c in "*?["):
         dirs = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_dir()]
@@ -410,7 +411,8 @@ def _is_trace(path: Path) -> bool:
     return any((path / t).is_dir() for t in TABLES)
 
 
-def _table_parts(trace_dir: Path, table: str) -> list[Path]:
+def table_parts(trace_dir: Path, table: str) -> list[Path]:
+    """The part files of one table of one run directory (TraceError if the directory is no trace)."""
     folder = trace_dir / table
     if not folder.is_dir():
         if not any((trace_dir / t).is_dir() for t in TABLES):
@@ -430,7 +432,7 @@ def read_table(path: str | os.PathLike, table: str) -> pa.Table:
     """
     if table not in TABLES:
         raise TraceError(f"unknown trace table {table!r}; tables are: {', '.join(TABLES)}")
-    parts = [part for d in _trace_dirs(path) for part in _table_parts(d, table)]
+    parts = [part for d in trace_dirs(path) for part in table_parts(d, table)]
     tables = [_read_part(part, table) for part in parts]
     if not tables:
         return TABLES[table].empty_table()
