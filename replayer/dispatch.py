@@ -278,7 +278,7 @@ class Dispatcher:
         sig = Signature(
             key=key,
             duration=duration,
-            host=_host_cost(cost, key, duration),
+            host=_host_cost(cost, key, duration, self.emu.clock.wall),
             outs=outs,
             kind=kind,
             mutated=written,
@@ -408,7 +408,7 @@ class Dispatcher:
         cost = self.emu.cost
         duration = cost.device_time(key, features, dtype)
         sig = Signature(
-            key=key, duration=duration, host=_host_cost(cost, key, duration),
+            key=key, duration=duration, host=_host_cost(cost, key, duration, self.emu.clock.wall),
             outs=[], kind=None, mutated=(), names=[], value_ok=True, fast=None, fast_view=None,
             input_shapes=[list(t.shape) for t in tensors],
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
@@ -560,9 +560,12 @@ def _all_valued(tensors: list) -> bool:
     return True
 
 
-def _host_cost(cost, key: str, duration: float) -> float:
-    """Host time to issue an op; on a synchronous device (a CPU profile) the host also waits it out."""
-    return cost.host_time(key) + (duration if getattr(cost, "synchronous", False) else 0.0)
+def _host_cost(cost, key: str, duration: float, wall: bool) -> float:
+    """Host time to issue an op; on a synchronous device (a CPU profile) the host also waits it out. In
+    `wall` mode the serving code's time between ops is measured, so a profile gives only the op's own call."""
+    own = getattr(cost, "own_host_time", None) if wall else None
+    host = own(key) if own is not None else cost.host_time(key)
+    return host + (duration if getattr(cost, "synchronous", False) else 0.0)
 
 
 def _extrapolated(cost, key: str, features, dtype) -> bool:

@@ -139,7 +139,9 @@ class _Data:
     steps: int
     step_host: np.ndarray  # per step: measured host span, profiler cost removed
     host_scales: dict[str, float]  # per run: the profiler's host slow-down removed (timeline twins)
-    engine: np.ndarray  # per row: the serving engine of its run
+    engine: np.ndarray  # per row: the serving engine of its run, as an index into engine_names
+    engine_names: list[str]
+    own: np.ndarray  # per row: host seconds of the op's own call (waits and stalls out; 0 on a CPU)
 
 
 # Named steps of the reading query: op rows that ran while serving, their signatures, the engine steps.
@@ -162,7 +164,8 @@ _SQL = {
         from iterations_table
     """,
     "rows": """
-        select s.sig, o.device_duration, o.in_graph and o.parent_id is not null as replay,
+        select s.sig, dense_rank() over (order by o.run_id) - 1 as run_index,
+               o.device_duration, o.in_graph and o.parent_id is not null as replay,
                o.in_graph and o.parent_id is null as captured, coalesce(st.step, -1) as step, o.run_id,
                o.host_duration, o.host_start,
                -- host time from this op's start to the next op's start (the run's last op: its step's end)
@@ -175,6 +178,7 @@ _SQL = {
         order by o.run_id, o.rank, o.op_id
     """,
     "signature_list": "select name, input_shapes, dtypes, scalars from signatures order by sig",
+    "run_list": "select distinct run_id from ops order by run_id",  # the names of `run_index`
     "step_spans": """
         select st.run_id, st.host_end - st.host_start as span, i.phase
         from steps st join iterations_table i using (run_id, iteration_id) order by st.step
@@ -192,6 +196,10 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
         run = read_table(path, "run")
         if run.num_rows == 0:
             raise FitError(f"{path}: the trace has no run row; was the recording cut short?")
+        if "emulated" in run.column("source").to_pylist():
+            raise FitError(
+                f"{path}: an emulated trace (its times are predictions); fit on recorded traces only"
+            )
         ops = read_table(path, "ops")
         if ops.num_rows == 0:
             steps = read_table(path, "iterations")
@@ -222,6 +230,7 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
         con.execute(_SQL[name])
     result = con.execute(_SQL["rows"]).fetchnumpy()
     sigs = con.execute(_SQL["signature_list"]).fetchall()
+    run_names = [r for (r,) in con.execute(_SQL["run_list"]).fetchall()]
     step_table = con.execute(_SQL["step_spans"]).fetchnumpy()
     spans = np.asarray(step_table["span"], dtype=np.float64)
     if len(result["sig"]) == 0:
@@ -245,7 +254,9 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
     host_duration = np.asarray(result["host_duration"], dtype=np.float64)
     graph = np.asarray(result["replay"], dtype=bool)
     captured = np.asarray(result["captured"], dtype=bool)
-    profiler_cost = _profiler_cost(runs, np.asarray(result["run_id"]), host_duration, device)
+    run_index = np.asarray(result["run_index"], dtype=np.int64)  # ints: comparing a million strings is slow
+    run_ids = _Runs(run_names, run_index)
+    profiler_cost = _profiler_cost(runs, run_ids, host_duration, device)
     synchronous = _synchronous(runs)
     host = gap - profiler_cost - (device if synchronous else 0.0)
     host[graph] = np.nan
@@ -253,19 +264,25 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
     inside = step >= 0
     step_host = spans - np.bincount(step[inside], weights=profiler_cost[inside], minlength=n_steps)
     starts = np.asarray(result["host_start"], dtype=np.float64)
-    host -= _idle_overlap(np.asarray(result["run_id"]), starts + host_duration, starts + gap, requests)
+    host -= _idle_overlap(run_ids, starts + host_duration, starts + gap, requests)
+    # the op's own call (what `wall` mode adds per op; the serving code between ops it measures itself)
+    own = np.zeros(len(host)) if synchronous else host_duration.copy()
     if not synchronous:
+        before = host.copy()
         _drop_waits(host, host_duration, sig, keys)
         key_ids = np.unique(np.array(keys, dtype=object), return_inverse=True)[1][sig]
         stalls = _drop_stalls(host, host_duration, key_ids)
         step_host -= np.bincount(step[inside], weights=stalls[inside], minlength=n_steps)
-    replaying = set(np.unique(np.asarray(result["run_id"])[graph]).tolist()) if graph.any() else set()
+        own = np.maximum(own - np.nan_to_num(before - host), 0.0)
+    own[graph] = np.nan
+    replaying = {run_names[i] for i in np.unique(run_index[graph])} if graph.any() else set()
     scales = _host_scales([r for r in runs if r["run_id"] not in replaying], step_table, step_host, timelines)
     if scales:
-        host *= _per_row(scales, np.asarray(result["run_id"]), 1.0).astype(float)
-        step_host *= _per_row(scales, np.asarray(step_table["run_id"]), 1.0).astype(float)
-    engine_of = {r["run_id"]: r["engine"] for r in runs}
-    run_ids = np.asarray(result["run_id"])
+        host *= run_ids.each(scales, 1.0)
+        own *= run_ids.each(scales, 1.0)
+        step_host *= np.array([scales.get(r, 1.0) for r in step_table["run_id"]])
+    engine_names = sorted({r["engine"] for r in runs})
+    engine_of = {r["run_id"]: engine_names.index(r["engine"]) for r in runs}
     return _Data(
         runs,
         sig,
@@ -281,14 +298,27 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
         n_steps,
         step_host,
         scales,
-        _per_row(engine_of, run_ids),
+        run_ids.each(engine_of, 0).astype(np.int64),
+        engine_names,
+        own,
     )
 
 
-def _per_row(per_run: dict, run_ids: np.ndarray, default="") -> np.ndarray:
-    """A value per row from a value per run id (via the distinct ids: rows are millions, runs few)."""
-    distinct, inverse = np.unique(run_ids, return_inverse=True)
-    return np.array([per_run.get(r, default) for r in distinct], dtype=object)[inverse]
+@dataclass
+class _Runs:
+    """Which run each op row belongs to, as an index into the runs' names."""
+
+    names: list[str]
+    index: np.ndarray
+
+    def each(self, per_run: dict, default) -> np.ndarray:
+        """A value per row from a value per run id."""
+        return np.array([per_run.get(r, default) for r in self.names])[self.index]
+
+    def rows_of(self, run_id: str) -> np.ndarray:
+        if run_id not in self.names:
+            return np.zeros(len(self.index), dtype=bool)
+        return self.index == self.names.index(run_id)
 
 
 def _twin_key(run: dict) -> tuple:
@@ -366,15 +396,15 @@ def _drop_stalls(host: np.ndarray, own: np.ndarray, key: np.ndarray) -> np.ndarr
     return removed
 
 
-def _idle_overlap(run_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, requests: list) -> np.ndarray:
+def _idle_overlap(run_ids: _Runs, starts: np.ndarray, ends: np.ndarray, requests: list) -> np.ndarray:
     """Seconds of each [start, end] during which no request was in flight: the engine idling for the next
     arrival is not host cost (the emulator jumps over idle time)."""
     overlap = np.zeros(len(starts))
     if not requests:
         return overlap
     table = pa.concat_tables(requests)
-    for run_id in np.unique(run_ids):
-        mine = run_ids == run_id
+    for run_id in run_ids.names:
+        mine = run_ids.rows_of(run_id)
         rows = [
             r for r in table.filter(pa.compute.equal(table["run_id"], run_id)).to_pylist() if r["token_times"]
         ]
@@ -429,16 +459,16 @@ def _synchronous(runs: list[dict]) -> bool:
     return runs[0]["device_kind"] == "cpu"
 
 
-def _profiler_cost(runs: list[dict], run_ids: np.ndarray, host_duration: np.ndarray, device: np.ndarray):
+def _profiler_cost(runs: list[dict], run_ids: _Runs, host_duration: np.ndarray, device: np.ndarray):
     """Seconds of profiler cost in each op's host gap, where the recording calibrated it (a CPU): the
     cost inside the op's span (host - device duration) plus its own event's cost outside the span."""
-    cost = np.zeros(len(run_ids))
+    cost = np.zeros(len(run_ids.index))
     for run in runs:
         extra = _extra(run)
         per_event, inside = extra.get("profiler_event_overhead_us"), extra.get("profiler_inside_overhead_us")
         if not per_event or run["device_kind"] != "cpu":
             continue
-        mine = run_ids == run["run_id"]
+        mine = run_ids.rows_of(run["run_id"])
         cost[mine] = (host_duration[mine] - device[mine]) + max(0.0, per_event - (inside or 0.0)) / 1e6
     return cost
 
@@ -682,34 +712,38 @@ def _with(model: OpModel, **changes) -> OpModel:
 
 def _host_models(data: _Data, rows: np.ndarray) -> list[OpModel]:
     """Per key, the mean host time per op over all engines and per engine with `_MIN_HOST_ROWS` rows
-    (waits and stalls taken out in `_read`); '*', the median over all ops, for keys never seen."""
-    ok = rows & np.isfinite(data.host)
-    host = data.host[ok]
-    names, key_of_sig = np.unique(np.array(data.keys, dtype=object), return_inverse=True)
-    keys = key_of_sig[data.sig[ok]]  # integers: sorting a million strings takes seconds
-    engine_names, engines = np.unique(data.engine[ok], return_inverse=True)
-    total = float(np.sum(np.maximum(host, 0)))
-    several = len(engine_names) > 1  # with one engine, its models are the pooled ones
+    (waits and stalls taken out in `_read`); '*', the median over all ops, for keys never seen. Target
+    'host' is the time to the next op (`deterministic` mode), 'host_own' the op's own call (`wall` mode)."""
     models = []
-    for e in [-1, *(range(len(engine_names)) if several else [])]:
-        mine = engines == e if e >= 0 else np.ones(len(host), dtype=bool)
-        counts = np.bincount(keys[mine], minlength=len(names))
-        sums = np.bincount(keys[mine], weights=host[mine], minlength=len(names))
-        positive = np.bincount(keys[mine], weights=np.maximum(host[mine], 0), minlength=len(names))
-        engine = str(engine_names[e]) if e >= 0 else ""
-        for k in np.flatnonzero(counts >= (_MIN_HOST_ROWS if engine else 1)):
-            share = float(positive[k]) / max(total, 1e-30)
-            models.append(
-                _host_model(str(names[k]), float(sums[k] / counts[k]), int(counts[k]), share, engine)
-            )
-    if host.size:
-        models.append(_host_model("*", float(np.median(host)), host.size, 1.0, ""))
+    for target, values in (("host", data.host), ("host_own", data.own)):
+        ok = rows & np.isfinite(values)
+        host = values[ok]
+        names, key_of_sig = np.unique(np.array(data.keys, dtype=object), return_inverse=True)
+        keys = key_of_sig[data.sig[ok]]  # integers: sorting a million strings takes seconds
+        engine_names, engines = data.engine_names, data.engine[ok]
+        total = float(np.sum(np.maximum(host, 0)))
+        several = len(engine_names) > 1  # with one engine, its models are the pooled ones
+        for e in [-1, *(range(len(engine_names)) if several else [])]:
+            mine = engines == e if e >= 0 else np.ones(len(host), dtype=bool)
+            counts = np.bincount(keys[mine], minlength=len(names))
+            sums = np.bincount(keys[mine], weights=host[mine], minlength=len(names))
+            positive = np.bincount(keys[mine], weights=np.maximum(host[mine], 0), minlength=len(names))
+            engine = str(engine_names[e]) if e >= 0 else ""
+            for k in np.flatnonzero(counts >= (_MIN_HOST_ROWS if engine else 1)):
+                share = float(positive[k]) / max(total, 1e-30)
+                models.append(
+                    _host_model(
+                        target, str(names[k]), float(sums[k] / counts[k]), int(counts[k]), share, engine
+                    )
+                )
+        if host.size:
+            models.append(_host_model(target, "*", float(np.median(host)), host.size, 1.0, ""))
     return models
 
 
-def _host_model(key: str, seconds: float, samples: int, share: float, engine: str) -> OpModel:
+def _host_model(target: str, key: str, seconds: float, samples: int, share: float, engine: str) -> OpModel:
     return OpModel(
-        target="host", key=key, dtype="", form="const", features=("1",), coefficients=(max(seconds, 0.0),),
+        target=target, key=key, dtype="", form="const", features=("1",), coefficients=(max(seconds, 0.0),),
         samples=int(samples), signatures=0, time_share=share, range_min=(1.0,), range_max=(1.0,),
         engine=engine,
     )  # fmt: skip
@@ -746,8 +780,8 @@ def _evaluate(profile: Profile, data: _Data, held: np.ndarray, held_steps: np.nd
     )
     host_error = None
     host_cost = np.zeros(len(data.sig))
-    for engine in set(data.engine.tolist()):
-        mine = data.engine == engine
+    for code, engine in enumerate(data.engine_names):
+        mine = data.engine == code
         host_cost[mine] = np.array([profile.host_time(k, engine) for k in data.keys])[data.sig[mine]]
     if profile.synchronous:
         host_cost = host_cost + predicted

@@ -4,9 +4,10 @@ A profile is data, never pickle: one Parquet table with a row per model and the 
 file's metadata. Each row is one of:
 - a device model of an op key and dtype ('aten::mm', 'float32'), or of a family pooled over its keys
   ('family:matmul'), or of every op ('family:*'): seconds of device time from the op's features;
-- a host model of an op key (target 'host'): seconds of host time to issue the op, less its device
-  time on a synchronous device; per serving engine (`engine`) where that engine was recorded, and over
-  all engines ('' ), since the serving code between two ops is the engine's.
+- a host model of an op key (target 'host'): seconds of host time from the op to the next one, less its
+  device time on a synchronous device; target 'host_own' is the op's own call alone (for `wall` mode,
+  which measures the code between ops itself). Per serving engine (`engine`) where that engine was
+  recorded, and over all engines (''), since the serving code between two ops is the engine's.
 
 Forms, each a formula over named features (`revati.op_features`):
 - 'linear':  y = sum(c_i * x_i), the feature '1' being the intercept (fitted by WLS for relative error);
@@ -183,6 +184,7 @@ class Profile:
             (m.key, m.dtype): m for m in self.models if m.target == "device" and m.form != "table"
         }
         self._host_models = {(m.engine, m.key): m for m in self.models if m.target == "host"}
+        self._own_models = {(m.engine, m.key): m for m in self.models if m.target == "host_own"}
         self._tables: dict[tuple[str, str], dict[tuple[float, ...], OpModel]] = {}
         self._table_features: dict[tuple[str, str], tuple[str, ...]] = {}
         for m in self.models:
@@ -230,6 +232,13 @@ class Profile:
         models, engine = self._host_models, engine or self.engine or ""
         model = models.get((engine, key)) or models.get(("", key)) or models.get(("", "*"))
         return model.coefficients[0] if model is not None else 0.0
+
+    def own_host_time(self, key: str, engine: str | None = None) -> float:
+        """Seconds of host time in the op's own call, for `wall` mode, which measures the serving code
+        between ops itself (0 on a synchronous device: there the op's time is all device time)."""
+        models, engine = self._own_models, engine or self.engine or ""
+        model = models.get((engine, key)) or models.get(("", key)) or models.get(("", "*"))
+        return model.coefficients[0] if model is not None else self.host_time(key, engine)
 
     def serving(self, engine: str) -> Profile:
         """This profile with host costs as fitted for one serving engine (where it was recorded)."""

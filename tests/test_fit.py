@@ -279,6 +279,11 @@ def test_fit_never_writes_over_a_file_that_is_not_a_profile(tmp_path):
     assert precious.read_text() == "mine"
 
 
+def test_an_emulated_trace_is_not_fitted():
+    result = _fit_cli(REPO / "traces" / "h100" / "emulated-cb-eager", "-o", "/tmp/never.parquet")
+    assert result.exit_code == 2 and "emulated trace" in result.stderr
+
+
 def test_an_empty_trace_is_refused_with_its_name(tmp_path):
     _synthetic_trace(tmp_path / "empty", lambda b: 1e-6, sizes=[10], steps=0)
     result = _fit_cli(tmp_path / "empty", "-o", tmp_path / "p.parquet")
