@@ -269,8 +269,9 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
     own = np.zeros(len(host)) if synchronous else host_duration.copy()
     if not synchronous:
         before = host.copy()
-        _drop_waits(host, host_duration, sig, keys)
-        key_ids = np.unique(np.array(keys, dtype=object), return_inverse=True)[1][sig]
+        names, key_of_sig = np.unique(np.array(keys, dtype=object), return_inverse=True)
+        key_ids = key_of_sig[sig]
+        _drop_waits(host, host_duration, key_ids, names)
         stalls = _drop_stalls(host, host_duration, key_ids)
         step_host -= np.bincount(step[inside], weights=stalls[inside], minlength=n_steps)
         own = np.maximum(own - np.nan_to_num(before - host), 0.0)
@@ -365,12 +366,11 @@ def _host_scales(runs: list[dict], steps: dict, step_host: np.ndarray, timelines
     return scales
 
 
-def _drop_waits(host: np.ndarray, host_duration: np.ndarray, sig: np.ndarray, keys: list[str]) -> None:
+def _drop_waits(host: np.ndarray, host_duration: np.ndarray, key_ids: np.ndarray, names: np.ndarray) -> None:
     """An op that can wait for the device (a read back to the host) keeps, of its own duration, only what
     it takes when it does not wait (its 10th percentile): the emulator's clock adds the waits itself."""
-    waits = np.array([k in _SYNC_KEYS for k in keys])[sig]
-    for key in {k for k in keys if k in _SYNC_KEYS}:
-        mine = waits & (np.array(keys, dtype=object)[sig] == key)
+    for code in (i for i, name in enumerate(names) if name in _SYNC_KEYS):
+        mine = key_ids == code
         own = float(np.quantile(host_duration[mine], 0.1)) if mine.any() else 0.0
         host[mine] = host[mine] - host_duration[mine] + np.minimum(host_duration[mine], own)
 
