@@ -87,8 +87,8 @@ def open_traces(sides: Mapping[str, Iterable[str | os.PathLike]]) -> duckdb.Duck
                 selects.append(
                     f"select {_quote(side)} as side, * from read_parquet({parts!r}, union_by_name=true)"
                 )
-        columns = ", ".join(f"null::{_duck_type(f.type)} as {f.name}" for f in TABLES[table])
-        empty = f"select null::varchar as side, {columns} where false"
+        con.register(f"{table}_empty", TABLES[table].empty_table())  # every column, even with no parts
+        empty = f"select null::varchar as side, * from {table}_empty"
         con.execute(f"create view {table}_parts as " + " union all by name ".join([*selects, empty]))
     for name, sql in VIEWS.items():
         con.execute(f"create view {name} as " + sql.format(**{t: f"{t}_parts" for t in TABLES}))
@@ -97,16 +97,6 @@ def open_traces(sides: Mapping[str, Iterable[str | os.PathLike]]) -> duckdb.Duck
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _duck_type(arrow_type) -> str:
-    import pyarrow as pa
-
-    if pa.types.is_list(arrow_type):
-        return _duck_type(arrow_type.value_type) + "[]"
-    return {
-        "string": "varchar", "int32": "integer", "int64": "bigint", "double": "double", "bool": "boolean",
-    }.get(str(arrow_type), "timestamptz" if pa.types.is_timestamp(arrow_type) else "varchar")  # fmt: skip
 
 
 # --- comparing two sides ------------------------------------------------------------------------------

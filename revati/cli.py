@@ -209,8 +209,6 @@ def fit(
             f"-o {output} is a directory; give the profile's file name (e.g. {output}/profile.parquet)",
             _BAD_INPUT,
         )
-    if not 0.0 <= holdout < 1.0:
-        _fail(f"--holdout must be at least 0 and below 1, not {holdout}", _BAD_INPUT)
     if output.is_file():
         from revati.profile import Profile, ProfileError
 

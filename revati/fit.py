@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
@@ -142,6 +142,8 @@ class _Data:
     engine: np.ndarray  # per row: the serving engine of its run, as an index into engine_names
     engine_names: list[str]
     own: np.ndarray  # per row: host seconds of the op's own call (waits and stalls out; 0 on a CPU)
+    key_names: list[str]  # distinct op keys, sorted
+    key_of_sig: np.ndarray  # per signature: its key's index in key_names (integers sort fast)
 
 
 # Named steps of the reading query: op rows that ran while serving, their signatures, the engine steps.
@@ -166,7 +168,7 @@ _SQL = {
     "rows": """
         select s.sig, dense_rank() over (order by o.run_id) - 1 as run_index,
                o.device_duration, o.in_graph and o.parent_id is not null as replay,
-               o.in_graph and o.parent_id is null as captured, coalesce(st.step, -1) as step, o.run_id,
+               o.in_graph and o.parent_id is null as captured, coalesce(st.step, -1) as step,
                o.host_duration, o.host_start,
                -- host time from this op's start to the next op's start (the run's last op: its step's end)
                coalesce(lead(o.host_start) over w, st.host_end) - o.host_start as gap
@@ -265,13 +267,13 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
     step_host = spans - np.bincount(step[inside], weights=profiler_cost[inside], minlength=n_steps)
     starts = np.asarray(result["host_start"], dtype=np.float64)
     host -= _idle_overlap(run_ids, starts + host_duration, starts + gap, requests)
+    key_names, key_of_sig = np.unique(np.array(keys, dtype=object), return_inverse=True)
     # the op's own call (what `wall` mode adds per op; the serving code between ops it measures itself)
     own = np.zeros(len(host)) if synchronous else host_duration.copy()
     if not synchronous:
         before = host.copy()
-        names, key_of_sig = np.unique(np.array(keys, dtype=object), return_inverse=True)
         key_ids = key_of_sig[sig]
-        _drop_waits(host, host_duration, key_ids, names)
+        _drop_waits(host, host_duration, key_ids, key_names)
         stalls = _drop_stalls(host, host_duration, key_ids)
         step_host -= np.bincount(step[inside], weights=stalls[inside], minlength=n_steps)
         own = np.maximum(own - np.nan_to_num(before - host), 0.0)
@@ -302,6 +304,8 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
         run_ids.each(engine_of, 0).astype(np.int64),
         engine_names,
         own,
+        [str(k) for k in key_names],
+        key_of_sig,
     )
 
 
@@ -476,17 +480,6 @@ def _profiler_cost(runs: list[dict], run_ids: _Runs, host_duration: np.ndarray, 
 # --- fitting -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Group:
-    """The signatures of one (key, dtype) with their training statistics."""
-
-    key: str
-    dtype: str
-    sigs: np.ndarray
-    counts: np.ndarray
-    means: np.ndarray
-
-
 def _candidates(key: str, features: list[Features]) -> list[tuple[str, tuple[str, ...]]]:
     """(form, features) to try: a constant, straight lines in each primary feature, flops and
     bytes together, a power law in the first primary feature, and one in the family's shape features."""
@@ -581,7 +574,7 @@ def _fit_group(
         return None
     score, form, names, X = best
     coef = _solve(form, X, y, n)
-    raw = np.array([[1.0 if name == "1" else f.get(name, 0.0) for name in names] for f in feats])
+    raw = _design(feats, names, "linear")  # the features as seen, for the ranges
     return OpModel(
         target="device",
         key=key,
@@ -636,7 +629,7 @@ def _scaled(
     """A key with few signatures: its family's model times the ratio of its measured to predicted time."""
     predicted = np.array([family.predict(f) for f in feats])
     ratio = float(np.sum(n * y) / max(np.sum(n * predicted), 1e-30))
-    raw = np.array([[1.0 if name == "1" else f.get(name, 0.0) for name in family.features] for f in feats])
+    raw = _design(feats, family.features, "linear")
     return OpModel(
         target="device",
         key=key,
@@ -652,10 +645,10 @@ def _scaled(
     )
 
 
-def _const(key: str, dtype: str, y: np.ndarray, n: np.ndarray, target: str = "device") -> OpModel:
+def _const(key: str, dtype: str, y: np.ndarray, n: np.ndarray) -> OpModel:
     mean = float(np.sum(n * y) / max(np.sum(n), 1))
     return OpModel(
-        target=target, key=key, dtype=dtype, form="const", features=("1",), coefficients=(mean,),
+        target="device", key=key, dtype=dtype, form="const", features=("1",), coefficients=(mean,),
         floor=0.0, samples=int(n.sum()), signatures=len(y), range_min=(1.0,), range_max=(1.0,),
     )  # fmt: skip
 
@@ -715,11 +708,11 @@ def _host_models(data: _Data, rows: np.ndarray) -> list[OpModel]:
     (waits and stalls taken out in `_read`); '*', the median over all ops, for keys never seen. Target
     'host' is the time to the next op (`deterministic` mode), 'host_own' the op's own call (`wall` mode)."""
     models = []
+    names = data.key_names
     for target, values in (("host", data.host), ("host_own", data.own)):
         ok = rows & np.isfinite(values)
         host = values[ok]
-        names, key_of_sig = np.unique(np.array(data.keys, dtype=object), return_inverse=True)
-        keys = key_of_sig[data.sig[ok]]  # integers: sorting a million strings takes seconds
+        keys = data.key_of_sig[data.sig[ok]]
         engine_names, engines = data.engine_names, data.engine[ok]
         total = float(np.sum(np.maximum(host, 0)))
         several = len(engine_names) > 1  # with one engine, its models are the pooled ones
@@ -732,9 +725,7 @@ def _host_models(data: _Data, rows: np.ndarray) -> list[OpModel]:
             for k in np.flatnonzero(counts >= (_MIN_HOST_ROWS if engine else 1)):
                 share = float(positive[k]) / max(total, 1e-30)
                 models.append(
-                    _host_model(
-                        target, str(names[k]), float(sums[k] / counts[k]), int(counts[k]), share, engine
-                    )
+                    _host_model(target, names[k], float(sums[k] / counts[k]), int(counts[k]), share, engine)
                 )
         if host.size:
             models.append(_host_model(target, "*", float(np.median(host)), host.size, 1.0, ""))
@@ -792,23 +783,14 @@ def _evaluate(profile: Profile, data: _Data, held: np.ndarray, held_steps: np.nd
             np.sum(np.abs(predicted_host[held_steps] - data.step_host[held_steps]))
             / np.sum(data.step_host[held_steps])
         )
-    per_key: dict[tuple[str, str], np.ndarray] = {}
+    per_key: dict[tuple[str, str], list[np.ndarray]] = {}
     rows = np.flatnonzero(held & (data.device > 0))
-    errors = np.abs(predicted[rows] - data.device[rows]) / data.device[rows]
-    sig_of = data.sig[rows]
-    order = np.argsort(sig_of, kind="stable")
-    group_of = {}
-    for s in np.unique(sig_of):
-        group_of[s] = (data.keys[s], data.dtypes[s])
-    labels = [group_of[s] for s in sig_of[order]]
-    sorted_errors = errors[order]
-    start = 0
-    while start < len(labels):
-        end = start
-        while end < len(labels) and labels[end] == labels[start]:
-            end += 1
-        per_key.setdefault(labels[start], []).append(sorted_errors[start:end])  # type: ignore[arg-type]
-        start = end
+    order = rows[np.argsort(data.sig[rows], kind="stable")]
+    errors = np.abs(predicted[order] - data.device[order]) / data.device[order]
+    sigs = data.sig[order]
+    bounds = np.flatnonzero(np.r_[True, sigs[1:] != sigs[:-1], True]) if sigs.size else np.array([0])
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        per_key.setdefault((data.keys[sigs[a]], data.dtypes[sigs[a]]), []).append(errors[a:b])
     return device_error, host_error, {k: np.concatenate(v) for k, v in per_key.items()}
 
 
@@ -886,8 +868,7 @@ def fit(
                     m.time_share,
                 )  # fmt: skip
             )
-    profile.models = models
-    profile.__post_init__()
+    profile = replace(profile, models=models)  # its lookups are rebuilt from the models
     inexact = sum(1 for ok in data.exact if not ok)
     if inexact:
         notes.append(

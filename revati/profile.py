@@ -192,7 +192,6 @@ class Profile:
                 self._tables.setdefault((m.key, m.dtype), {})[m.where] = m
                 self._table_features[(m.key, m.dtype)] = m.features
         self._roofline = Roofline(self.source_gpu) if self.source_gpu is not None else None
-        self._target_roofline = Roofline(self.target_gpu) if self.target_gpu is not None else None
 
     # -- CostModel -----------------------------------------------------------------------------------
 
@@ -229,16 +228,18 @@ class Profile:
     def host_time(self, key: str, engine: str | None = None) -> float:
         """Seconds of host time to issue the op (less its device time on a synchronous device): as fitted
         for the serving engine (`serving`), else for any engine, else the median op."""
-        models, engine = self._host_models, engine or self.engine or ""
-        model = models.get((engine, key)) or models.get(("", key)) or models.get(("", "*"))
+        model = self._host_model(self._host_models, key, engine)
         return model.coefficients[0] if model is not None else 0.0
 
     def own_host_time(self, key: str, engine: str | None = None) -> float:
         """Seconds of host time in the op's own call, for `wall` mode, which measures the serving code
         between ops itself (0 on a synchronous device: there the op's time is all device time)."""
-        models, engine = self._own_models, engine or self.engine or ""
-        model = models.get((engine, key)) or models.get(("", key)) or models.get(("", "*"))
+        model = self._host_model(self._own_models, key, engine)
         return model.coefficients[0] if model is not None else self.host_time(key, engine)
+
+    def _host_model(self, models: dict, key: str, engine: str | None) -> OpModel | None:
+        engine = engine or self.engine or ""
+        return models.get((engine, key)) or models.get(("", key)) or models.get(("", "*"))
 
     def serving(self, engine: str) -> Profile:
         """This profile with host costs as fitted for one serving engine (where it was recorded)."""
