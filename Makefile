@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: emulate test test-slow lint format bench clean
+.PHONY: emulate test test-slow lint format bench accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: $(STAMP)  ## speed benchmarks (ratios taken in one run)
 	$(PY) benchmarks/recorder_overhead.py
 	$(PY) benchmarks/fit_speed.py
 	$(PY) benchmarks/cross_hardware.py
+
+accuracy: $(STAMP)  ## end-to-end accuracy on held-out CPU workloads (~25 min on 2 cores; a quiet machine)
+	$(PY) benchmarks/accuracy.py --out runs/accuracy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

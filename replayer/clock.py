@@ -75,6 +75,8 @@ class Clock:
         self.streams: dict[int, float] = {0: 0.0}
         self.launch_latency = launch_latency
         self.wall = wall
+        self.leak = 0.0  # wall mode: real seconds per op around the emulator's handler (`Emulator.activate`)
+        self.counted = 0.0  # wall mode: real seconds counted as the serving code's, between ops
         self.jumps = 0
         self.jumped = 0.0  # virtual seconds skipped while everyone waited
         self.stalls = 0  # hand-offs or jumps that needed the real-time grace
@@ -156,8 +158,9 @@ class Clock:
         """Start of emulator work on the calling thread: in wall mode, account the serving code's time."""
         st = self._me()
         if self.wall and st.actor:
-            dt = self._real_since_exit(st)
+            dt = self._real_since_exit(st) - self.leak
             if dt > 0:
+                self.counted += dt
                 self.advance(dt)
         return st
 

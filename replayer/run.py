@@ -95,8 +95,12 @@ def emulate(
     on_model: Callable[[int], None] | None = None,
 ) -> EmulationResult:
     """Serve `workload` with `config.engine` on a virtual `spec` GPU priced by `cost`; trace to `out`."""
-    from revati.engines import run_engine
+    from revati.engines import engine_options, run_engine
     from revati.models import build_model
+
+    options = dict(config.options)
+    if spec.key == "cpu" and "size_for_workload" in engine_options(config.engine):
+        options.setdefault("size_for_workload", True)  # serve as the recorded CPU did, not from "free memory"
 
     emu = Emulator(
         spec,
@@ -122,7 +126,7 @@ def emulate(
             wall0 = _real_perf_counter()
             clock0 = emu.clock.read()
             results = run_engine(
-                config.engine, model, workload.requests, observer=emu, on_result=on_result, **config.options
+                config.engine, model, workload.requests, observer=emu, on_result=on_result, **options
             )
             torch.cuda.synchronize()
             wall = _real_perf_counter() - wall0
@@ -190,7 +194,13 @@ def _run_row(
         "workload": workload.spec,
         "host_time_mode": config.host_time,
         "profile": config.profile,
-        "extra": json.dumps({"cost_model": emu.cost.describe(), "options": config.options}),
+        "extra": json.dumps(
+            {
+                "cost_model": emu.cost.describe(),
+                "options": config.options,
+                "wall_leak_us": emu.clock.leak * 1e6,
+            }
+        ),
     }
 
 

@@ -459,7 +459,8 @@ def _run_recording(plan: dict, as_json: bool) -> None:
     )
     if not as_json:
         err_console.print(
-            f"[dim]{work.describe()} · {plan['runs']} run(s) → {plan['out']}[/]", highlight=False
+            f"[dim]{escape(work.describe())} · {plan['runs']} run(s) → {escape(str(plan['out']))}[/]",
+            highlight=False,
         )
 
     with progress, _out_of_memory_fails(plan):
@@ -557,7 +558,10 @@ def _record_script(argv: list[str], device: str, out: Path | None) -> None:
     except TraceError as e:
         raise BadInput(str(e)) from None
     code, trace = record_script(argv, device, out)
-    err_console.print(f"[dim]revati: recorded {' '.join(argv)} on {device} → {trace}[/]", highlight=False)
+    err_console.print(
+        f"[dim]revati: recorded {escape(' '.join(argv))} on {device} → {escape(str(trace))}[/]",
+        highlight=False,
+    )
     sys.exit(code)
 
 
@@ -699,7 +703,8 @@ def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
 
     if not as_json:
         err_console.print(
-            f"[dim]{work.describe()} · cost: {plan['cost'].describe()} · host time: {plan['host_time']}[/]",
+            f"[dim]{escape(work.describe())} · cost: {escape(plan['cost'].describe())} · "
+            f"host time: {plan['host_time']}[/]",
             highlight=False,
         )
     try:

@@ -39,7 +39,7 @@ def emulate():
 
     def start(device=None, host=None, launch_latency=0.0, sync_latency=0.0, **kwargs):
         cost = FixedCost(device, host, launch_latency, sync_latency)
-        emu = Emulator(gpu("h100"), cost, host_time="deterministic", **kwargs)
+        emu = Emulator(gpu("h100"), cost, **{"host_time": "deterministic", **kwargs})
         emu.activate()
         made.append(emu)
         return emu

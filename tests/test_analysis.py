@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -65,6 +68,24 @@ def test_other_models_or_workloads_are_flagged_and_compared_as_distributions_onl
     assert any("workloads differ" in w and "only the distributions" in w for w in result.warnings)
     assert result.matched_requests == 0 and result.per_request["ttft"] is None
     assert not math.isnan(result.figures["ttft_p50"][2])  # distributions are still compared
+
+
+def _with_workload(source: Path, target: Path, workload: str) -> Path:
+    """A copy of a trace whose run row names another workload spec."""
+    shutil.copytree(source, target)
+    for part in (target / "run").glob("*.parquet"):
+        table = pq.read_table(part)
+        column = table.schema.get_field_index("workload")
+        pq.write_table(table.set_column(column, "workload", pa.array([workload] * table.num_rows)), part)
+    return target
+
+
+def test_one_trace_file_named_from_two_directories_is_one_workload(tmp_path):
+    here = _with_workload(CB, tmp_path / "a", "../shared/workloads/azure_conv_2023.csv?limit=40")
+    there = _with_workload(CB, tmp_path / "b", "/work/shared/workloads/azure_conv_2023.csv?limit=40")
+    other = _with_workload(CB, tmp_path / "c", "/work/shared/workloads/azure_conv_2023.csv?limit=41")
+    assert compare([here], [there]).warnings == []
+    assert any("workloads differ" in w for w in compare([here], [other]).warnings)
 
 
 def test_other_engines_are_flagged():

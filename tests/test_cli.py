@@ -155,6 +155,25 @@ def test_tiny_run_prints_figures_as_json_and_writes_a_complete_trace(tmp_path, e
     assert read_table(out, "iterations").num_rows > 0
 
 
+def test_a_workload_file_named_by_its_absolute_path_is_described_not_read_as_markup(tmp_path):
+    # the description ends in "[/abs/path.csv?limit=2]", which rich would read as a closing tag
+    trace = tmp_path / "requests.csv"
+    trace.write_text("arrival,prompt_tokens,output_tokens\n0.0,16,4\n0.01,12,3\n0.02,9,2\n")
+    result = emulate("--engine", "hf-generate", "--model", "tiny-llama", "--workload", f"{trace}?limit=2",
+                     "--out", str(tmp_path / "trace"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"[{trace}?limit=2]" in _plain(result.output).replace("\n", "")
+
+
+def test_an_emulated_cpu_sizes_the_paged_cache_from_the_workload_as_the_recorded_cpu_did(tmp_path):
+    # with the CPU profile the virtual device is that CPU, with its 20+ GB as "free memory": sized from
+    # that, transformers' continuous batching would take gigabytes for its cache, not what the CPU run took
+    profile = Path(__file__).resolve().parent.parent / "traces" / "cpu" / "profile.parquet"
+    result = emulate(*TINY, "--engine", "hf-cb", "--profile", str(profile), "--dtype", "float32", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["peak_memory_gib"] < 0.1
+
+
 # --- `revati emulate -- python SCRIPT`: any script with CUDA virtualized ----------------------------
 
 MATMUL_SCRIPT = """

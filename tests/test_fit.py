@@ -135,6 +135,24 @@ def test_timeline_twins_take_the_profilers_host_slowdown_out_of_host_costs(tmp_p
         fit([tmp_path / "timeline"])
 
 
+def test_on_a_cpu_timeline_twins_take_the_profilers_slowdown_out_of_device_and_host_time(tmp_path):
+    # A CPU is the device: the profiled run was 1.6x slower in every op and every gap than the same
+    # workload recorded without the profiler; both the device and the host models must come down by it.
+    def law(nbytes):
+        return 2e-6 + nbytes / 1e10
+
+    _synthetic_trace(tmp_path / "full", lambda b: 1.6 * law(b), sizes=[1_000, 100_000], gap=8e-6)
+    _synthetic_trace(tmp_path / "timeline", law, sizes=[1_000, 100_000], gap=5e-6, ops=False, seed=1)
+    alone = fit([tmp_path / "full"], holdout=0.0).profile
+    twinned = fit([tmp_path / "full", tmp_path / "timeline"], holdout=0.0).profile
+    features = {"numel": 50_000.0, "bytes": 600_000.0}
+    ratio = twinned.device_time("aten::add", features, torch.float32) / alone.device_time(
+        "aten::add", features, torch.float32
+    )
+    assert ratio == pytest.approx(1 / 1.6, rel=0.05)
+    assert twinned.host_time("aten::add") == pytest.approx(alone.host_time("aten::add") / 1.6, rel=0.05)
+
+
 # --- profiles as data ---------------------------------------------------------------------------------
 
 

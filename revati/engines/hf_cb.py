@@ -48,6 +48,7 @@ def run(
     use_cuda_graph: bool | None = None,
     do_sample: bool = False,
     seed: int | None = 0,
+    size_for_workload: bool | None = None,
 ) -> list[RequestResult]:
     """Serve `requests` with continuous batching; results in the order of `requests`.
 
@@ -55,10 +56,13 @@ def run(
     keeps the model's), page_size (256 tokens), num_blocks and max_batch_tokens (None: transformers sizes them
     from free device memory; on CPU from the workload), max_memory_percent, use_cuda_graph (None: transformers
     decides, i.e. on only for flash attention), do_sample (False: greedy), seed (0; None lets transformers
-    draw one).
+    draw one), size_for_workload (size unset num_blocks / max_batch_tokens from the workload, as on a CPU;
+    None: on a CPU device only — an emulated CPU passes True to serve as the real one did).
     """
     requests = list(requests)
-    num_blocks, max_batch_tokens = cache_size(model, requests, page_size, num_blocks, max_batch_tokens)
+    num_blocks, max_batch_tokens = cache_size(
+        model, requests, page_size, num_blocks, max_batch_tokens, size_for_workload
+    )
     cb_config = cb_config_of(
         page_size=page_size,
         num_blocks=num_blocks,
@@ -107,9 +111,13 @@ def cache_size(
     page_size: int,
     num_blocks: int | None,
     max_batch_tokens: int | None,
+    for_workload: bool | None = None,
 ) -> tuple[int | None, int | None]:
-    """(num_blocks, max_batch_tokens) as given; on a CPU model, unset ones sized for the whole workload."""
-    if model.device.type != "cpu":
+    """(num_blocks, max_batch_tokens) as given; unset ones sized for the whole workload when `for_workload`
+    (None: on a CPU model)."""
+    if for_workload is None:
+        for_workload = model.device.type == "cpu"
+    if not for_workload:
         return num_blocks, max_batch_tokens
     if num_blocks is None:
         num_blocks = sum(math.ceil((r.prompt_tokens + r.output_tokens) / page_size) + 1 for r in requests)

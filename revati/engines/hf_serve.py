@@ -54,6 +54,7 @@ def run(
     use_cuda_graph: bool | None = None,
     do_sample: bool = False,
     seed: int | None = 0,
+    size_for_workload: bool | None = None,
 ) -> list[RequestResult]:
     """Serve `requests` through an in-process `transformers serve`; results in the order of `requests`.
 
@@ -62,7 +63,8 @@ def run(
     serve` does), page_size (--cb-block-size), num_blocks (--cb-num-blocks), max_batch_tokens
     (--cb-max-batch-tokens), max_memory_percent (--cb-max-memory-percent), use_cuda_graph
     (--cb-use-cuda-graph), seed (--default-seed); do_sample goes in each request's generation_config. On a CPU
-    model, unset num_blocks / max_batch_tokens are sized from the workload (see hf_cb.cache_size).
+    model (or with size_for_workload), unset num_blocks / max_batch_tokens are sized from the workload (see
+    hf_cb.cache_size).
     """
     try:
         import httpx  # noqa: F401
@@ -73,7 +75,9 @@ def run(
             f"hf-serve needs the serving extras ({e.name} is missing): pip install 'revati[serve]'"
         ) from e
     requests = list(requests)
-    num_blocks, max_batch_tokens = cache_size(model, requests, page_size or 256, num_blocks, max_batch_tokens)
+    num_blocks, max_batch_tokens = cache_size(
+        model, requests, page_size or 256, num_blocks, max_batch_tokens, size_for_workload
+    )
     flags = {
         "cb_block_size": page_size,
         "cb_num_blocks": num_blocks,
