@@ -185,10 +185,11 @@ class Dispatcher:
             else:
                 out = self._outputs(sig, func, args, kwargs, tensors)
         emu = self.emu  # Emulator.account, inlined: a call less per op
-        host, start, stream = self.launch(sig.duration, sig.host)
+        w = emu.wake
+        host, start, stream = self.launch(sig.duration * w, sig.host * w)
         if emu._log_ops:
             emu.ops.append(
-                (self.ops, sig.sig_id, host, sig.host, start, sig.duration, stream, emu._iteration)
+                (self.ops, sig.sig_id, host, sig.host * w, start, sig.duration * w, stream, emu._iteration)
             )
         return out
 
@@ -565,7 +566,10 @@ def _host_cost(cost, key: str, duration: float, wall: bool) -> float:
     `wall` mode the serving code's time between ops is measured, so a profile gives only the op's own call."""
     own = getattr(cost, "own_host_time", None) if wall else None
     host = own(key) if own is not None else cost.host_time(key)
-    return host + (duration if getattr(cost, "synchronous", False) else 0.0)
+    if not getattr(cost, "synchronous", False):
+        return host
+    slope = getattr(cost, "host_slope", None) if own is None else None  # wall mode measures the gaps
+    return host + duration * (1.0 + (slope(key) if slope is not None else 0.0))
 
 
 def _extrapolated(cost, key: str, features, dtype) -> bool:

@@ -21,7 +21,7 @@ from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
 from replayer.oracle import TokenOracle
 from replayer.tensor import VTensor
-from revati.cost import CostModel
+from revati.cost import IDLE_GAP, CostModel
 from revati.hardware import GpuSpec
 
 # Which ops an emulated trace keeps: every one, those of one engine step in SAMPLE_EVERY, or none
@@ -113,6 +113,10 @@ class Emulator:
         self._iteration_open: dict | None = None
         self._patch = Patcher()
         self.measure_leak = True  # wall mode: measure `clock.leak` when activated
+        # A step after the engine sat idle runs `wake_factor` slower (a profile measures it; cost.IDLE_GAP)
+        self.wake = 1.0  # the factor on the ops of the current step
+        self._wake_factor = float(getattr(cost, "wake_factor", 1.0))
+        self._last_step_end: float | None = None
 
     # -- activation ------------------------------------------------------------------------------
 
@@ -172,16 +176,17 @@ class Emulator:
 
     def account(self, sig: Signature) -> None:
         """Advance the clocks for one op and log it."""
-        host, start, stream = self.clock.launch(sig.duration, sig.host)
+        w = self.wake
+        host, start, stream = self.clock.launch(sig.duration * w, sig.host * w)
         if self._log_ops:
             self.ops.append(
                 (
                     self.dispatcher.ops,
                     sig.sig_id,
                     host,
-                    sig.host,
+                    sig.host * w,
                     start,
-                    sig.duration,
+                    sig.duration * w,
                     stream,
                     self._iteration,
                 ),
@@ -223,6 +228,8 @@ class Emulator:
         now = clock.read()
         stream = clock.current_stream()
         self._iteration = len(self.iterations)
+        idle = self._last_step_end is not None and now - self._last_step_end > IDLE_GAP
+        self.wake = self._wake_factor if idle else 1.0
         if self.ops_mode == "sample":
             self._log_ops = self._iteration % SAMPLE_EVERY == 0
         self._iteration_open = {
@@ -244,6 +251,8 @@ class Emulator:
         row["host_end"] = clock.read()
         row["device_end"] = max(clock.streams.get(clock.current_stream(), 0.0), row["device_start"])
         self.iterations.append(row)
+        self._last_step_end = row["host_end"]
+        self.wake = 1.0
         self._iteration_open = None
         self._iteration = None
         if self.ops_sink is not None and len(self.ops) >= FLUSH_OPS:

@@ -30,6 +30,8 @@ import torch
 from revati.hardware import GpuSpec
 from revati.op_features import Features, launches_kernel, op_family
 
+IDLE_GAP = 0.01  # seconds between engine steps after which the next step counts as a wake-up (CostModel)
+
 
 @runtime_checkable
 class CostModel(Protocol):
@@ -39,6 +41,7 @@ class CostModel(Protocol):
     launch_latency: float  # from a launch on the host to the kernel's earliest start
     sync_latency: float  # from the stream draining to a blocking host call returning
     synchronous: bool  # the host waits for every op (a CPU): host time per op includes its device time
+    # optional `wake_factor`: the first step after IDLE_GAP without one runs this much slower (cold caches)
 
     def device_time(self, key: str, features: Features, dtype: torch.dtype | None) -> float:
         """Seconds the op's kernels occupy its stream; 0 for an op that launches none."""

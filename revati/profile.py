@@ -174,6 +174,7 @@ class Profile:
     synchronous: bool = False  # the host waits for each op (a CPU): host time includes device time
     launch_latency: float = 5e-6
     sync_latency: float = 4e-6
+    wake_factor: float = 1.0  # the first engine step after the device sat idle runs this much slower
     info: dict[str, Any] = field(default_factory=dict)  # traces fitted, headline errors, version of revati
     path: str | None = None
     target_gpu: GpuSpec | None = None  # set by `on`: predictions scaled to this GPU
@@ -230,6 +231,12 @@ class Profile:
         for the serving engine (`serving`), else for any engine, else the median op."""
         model = self._host_model(self._host_models, key, engine)
         return model.coefficients[0] if model is not None else 0.0
+
+    def host_slope(self, key: str, engine: str | None = None) -> float:
+        """On a synchronous device: host seconds after the op per second of its device time (bigger ops
+        leave more to free and touch); 0 where the host model is a constant."""
+        model = self._host_model(self._host_models, key, engine)
+        return model.coefficients[1] if model is not None and len(model.coefficients) > 1 else 0.0
 
     def own_host_time(self, key: str, engine: str | None = None) -> float:
         """Seconds of host time in the op's own call, for `wall` mode, which measures the serving code
@@ -361,6 +368,7 @@ class Profile:
             "synchronous": self.synchronous,
             "launch_latency": self.launch_latency,
             "sync_latency": self.sync_latency,
+            "wake_factor": self.wake_factor,
             "info": self.info,
         }
         table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
@@ -413,6 +421,7 @@ class Profile:
             synchronous=bool(meta.get("synchronous")),
             launch_latency=float(meta.get("launch_latency", 5e-6)),
             sync_latency=float(meta.get("sync_latency", 4e-6)),
+            wake_factor=float(meta.get("wake_factor", 1.0)),
             info=meta.get("info", {}),
             path=str(path),
         )

@@ -57,10 +57,22 @@ def test_gpu_kernels_are_predicted_within_a_few_percent_per_step():
 
 
 def _synthetic_trace(
-    path: Path, law, sizes, steps: int = 40, seed: int = 0, device="cpu", ops: bool = True, gap: float = 1e-6
+    path: Path,
+    law,
+    sizes,
+    steps: int = 40,
+    seed: int = 0,
+    device="cpu",
+    ops: bool = True,
+    gap: float = 1e-6,
+    gap_slope: float = 0.0,
+    wake_every: int = 0,
+    wake: float = 1.0,
 ) -> None:
     """A trace of `aten::add` rows, device time `law(bytes)` with 3 % noise, 10 ops a step, `gap` seconds
-    of host time after each; `ops=False` writes the steps only (a `--capture timeline` run)."""
+    (plus `gap_slope` per second of the op) of host time after each; `ops=False` writes the steps only (a
+    `--capture timeline` run). Every `wake_every`-th step follows 50 ms idle and runs `wake` times slower.
+    Each step serves one request."""
     rng = np.random.default_rng(seed)
     with TraceWriter(path, run_id=f"synthetic-{device}-{seed}") as w:
         w.write_run(
@@ -73,12 +85,15 @@ def _synthetic_trace(
         )  # fmt: skip
         t, op_id = 0.0, 0
         for step in range(steps):
+            woke = wake_every and step and step % wake_every == 0
+            t += 0.05 if woke else 1e-4
             start = t
             for _ in range(10):
                 n = int(rng.choice(sizes))
-                d = law(n * 4 * 3) * (1 + 0.03 * rng.standard_normal())
+                d = law(n * 4 * 3) * (1 + 0.03 * rng.standard_normal()) * (wake if woke else 1.0)
+                after = (gap + gap_slope * d) * (wake if woke else 1.0)
                 if not ops:
-                    t += d + gap
+                    t += d + after
                     continue
                 w.append_row(
                     "ops",
@@ -89,7 +104,9 @@ def _synthetic_trace(
                     },
                 )  # fmt: skip
                 op_id += 1
-                t += d + gap
+                t += d + after
+            request = {"request_id": str(step), "arrival": start, "prompt_tokens": 1, "output_tokens": 1}
+            w.append_row("requests", request | {"first_token": t, "completion": t, "token_times": [t]})
             w.append_row(
                 "iterations",
                 {
@@ -151,6 +168,25 @@ def test_on_a_cpu_timeline_twins_take_the_profilers_slowdown_out_of_device_and_h
     )
     assert ratio == pytest.approx(1 / 1.6, rel=0.05)
     assert twinned.host_time("aten::add") == pytest.approx(alone.host_time("aten::add") / 1.6, rel=0.05)
+
+
+def test_on_a_cpu_the_host_time_after_an_op_grows_with_the_op(tmp_path):
+    # 4 µs after every op, plus 0.2 s per second of the op (bigger buffers to free and touch)
+    sizes = [1_000, 3_000, 10_000, 30_000, 100_000, 300_000]
+    _synthetic_trace(tmp_path / "a", lambda b: b / 1e9, sizes=sizes, gap=4e-6, gap_slope=0.2)
+    profile = fit([tmp_path / "a"], holdout=0.0).profile
+    assert profile.host_slope("aten::add") == pytest.approx(0.2, abs=0.02)
+    assert profile.host_time("aten::add") == pytest.approx(4e-6, rel=0.15)
+
+
+def test_the_first_step_after_idle_runs_slower_and_the_profile_says_by_how_much(tmp_path):
+    _synthetic_trace(tmp_path / "a", lambda b: 2e-6 + b / 1e10, sizes=[1_000, 100_000], steps=60,
+                     wake_every=5, wake=1.5)  # fmt: skip
+    profile = fit([tmp_path / "a"], holdout=0.0).profile
+    assert profile.wake_factor == pytest.approx(1.5, rel=0.05)
+    assert Profile.read(profile.write(tmp_path / "p.parquet")).wake_factor == profile.wake_factor
+    _synthetic_trace(tmp_path / "b", lambda b: 2e-6 + b / 1e10, sizes=[1_000, 100_000], steps=60)
+    assert fit([tmp_path / "b"], holdout=0.0).profile.wake_factor == pytest.approx(1.0, abs=0.03)
 
 
 # --- profiles as data ---------------------------------------------------------------------------------

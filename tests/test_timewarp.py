@@ -292,3 +292,24 @@ def test_wall_mode_counts_the_serving_codes_time_between_ops_not_the_emulators(e
     per_op = (emu.clock.counted - counted) / 4000
     print(f"leak {emu.clock.leak * 1e6:.1f} us, counted {per_op * 1e6:.2f} us per op")
     assert per_op < 0.5 * emu.clock.leak
+
+
+def test_the_first_step_after_the_engine_sat_idle_is_slowed_by_the_profiles_wake_factor(emulate):
+    emu = emulate(device={"aten::mm": D}, host={"aten::mm": D})
+    emu.cost.wake_factor = emu._wake_factor = 2.0  # what a CPU profile measured for its wake-up steps
+
+    def step() -> float:
+        emu.iteration_start("decode", 1, 1, 1)
+        _mm()
+        torch.cuda.synchronize()
+        emu.iteration_end()
+        row = emu.iterations[-1]
+        return row["host_end"] - row["host_start"]
+
+    first, busy = step(), step()  # no step before the first: nothing to wake from
+    time.sleep(0.5)
+    woken, after = step(), step()
+    # host cost and kernel overlap: a step takes D, a woken one 2 D (both stretched by the factor)
+    assert first == pytest.approx(D) and busy == pytest.approx(D)
+    assert woken == pytest.approx(2 * D)
+    assert after == pytest.approx(D)
