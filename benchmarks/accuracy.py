@@ -60,26 +60,31 @@ console = Console(stderr=True)
 
 @dataclass
 class Step:
-    """One `revati` command whose output is a path; skipped when the path already exists."""
+    """One `revati` command whose output is a path; skipped when the path already exists. The command
+    writes to OUT.partial, renamed to OUT once it succeeded: an interrupted step is redone, not reused."""
 
     label: str
     out: Path
     args: list[str]
 
     def run(self, fresh: bool) -> float:
+        """Run the command unless its output exists (or `fresh`); the seconds it took, 0 when reused."""
         if self.out.exists() and not fresh:
             console.print(f"[dim]· {self.label}: reusing {self.out}[/]")
             return 0.0
-        if self.out.is_dir():
-            shutil.rmtree(self.out)
-        elif self.out.exists():
-            self.out.unlink()
+        partial = self.out.with_name(self.out.name + ".partial")
+        for path in (self.out, partial):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         log = self.out.with_name(self.out.name + ".log")
+        args = [str(partial) if a == str(self.out) else a for a in self.args]
         started = time.perf_counter()
         with console.status(f"{self.label} …"), open(log, "w") as sink:
             done = subprocess.run(
-                [sys.executable, "-m", "revati", *self.args],
+                [sys.executable, "-m", "revati", *args],
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "COLUMNS": "160"},
@@ -89,16 +94,19 @@ class Step:
         if done.returncode != 0:
             console.print(f"[bold red]{self.label} failed[/] (exit {done.returncode}); see {log}")
             sys.exit(1)
+        partial.rename(self.out)
         console.print(f"· {self.label}: {seconds:.0f} s")
         return seconds
 
 
 def record(engine: str, workload: str, out: Path, capture: str) -> Step:
+    """Record `workload` on this CPU into `out`, with the profiler (`full`) or without (`timeline`)."""
     args = ["record", "--device", "cpu", "--model", MODEL, "--engine", engine, "--workload", workload]
     return Step(f"record {out.name} ({capture})", out, [*args, "--capture", capture, "--out", str(out)])
 
 
 def emulate(engine: str, workload: str, profile: Path, mode: str, out: Path) -> Step:
+    """Emulate `workload` on the CPU that `profile` was fitted on, in host-time `mode`, into `out`."""
     args = ["emulate", "--model", MODEL, "--engine", engine, "--workload", workload, "--dtype", "float32"]
     return Step(
         f"emulate {out.parent.name} ({mode})",
@@ -156,6 +164,7 @@ def bound(metric: str) -> float:
 
 
 def show(rows: list[dict]) -> None:
+    """The error table, bounds exceeded in red, and the mean error per mode."""
     table = Table(
         title="emulated vs recorded on held-out workloads (relative error; bound: p50 5 %, p99 10 %)"
     )

@@ -568,7 +568,8 @@ def _host_cost(cost, key: str, duration: float, wall: bool) -> float:
     host = own(key) if own is not None else cost.host_time(key)
     if not getattr(cost, "synchronous", False):
         return host
-    slope = getattr(cost, "host_slope", None) if own is None else None  # wall mode measures the gaps
+    # what a real CPU spends after a bigger op (freeing, first touches) no virtual tensor makes: both modes
+    slope = getattr(cost, "host_slope", None)
     return host + duration * (1.0 + (slope(key) if slope is not None else 0.0))
 
 

@@ -164,7 +164,8 @@ def emulate(
             "synthesized": result.synthesized,
             "clock_stalls": result.clock_stalls,
             "serving_origin": emu.origin,
-            "options": config.options,
+            "options": options,  # as served: with what the emulated device added (size_for_workload)
+            "wall_leak_us": emu.clock.leak * 1e6,
         }
         writer.write_run({**run_row, "extra": json.dumps(extra)})
         writer.close(complete=True)
@@ -198,7 +199,6 @@ def _run_row(
             {
                 "cost_model": emu.cost.describe(),
                 "options": config.options,
-                "wall_leak_us": emu.clock.leak * 1e6,
             }
         ),
     }

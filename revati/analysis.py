@@ -221,7 +221,8 @@ def _row(recorded: float | None, emulated: float | None) -> tuple:
 
 def _workload_identity(spec: str | None) -> str | None:
     """A workload spec with a replayed file named by its file name: `../w/azure.csv?limit=9` and
-    `/home/me/w/azure.csv?limit=9` are one workload given from two directories."""
+    `/home/me/w/azure.csv?limit=9` are one workload given from two directories. (Two different files of
+    one name would pass as one: traces keep the spec, not the file's contents.)"""
     if spec is None or ":" in spec.split("?")[0].split("/")[0]:  # a generated workload: `poisson:...`
         return spec
     path, _, query = spec.partition("?")

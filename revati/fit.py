@@ -344,7 +344,8 @@ def _twin_key(run: dict) -> tuple:
 def _host_scales(runs: list[dict], steps: dict, step_host: np.ndarray, timelines: list) -> dict[str, float]:
     """Per run, how much the profiler slowed the host: median decode step of a timeline twin (same
     engine, model and workload, recorded without the profiler) over the run's own; runs without a twin
-    take the mean over their engine's twins (same options). On a synchronous device (a CPU) the
+    take the mean over their engine's twins (same options). On a synchronous device (a CPU), where runs
+    without a twin are left alone, the
     profiler's slow-down beyond its calibrated cost covers every step alike (measured: 1.2-1.5x from
     decode to 512-token prefill), so the ratio is taken over all steps, like with like (`_step_ratio`).
     Runs that replay CUDA graphs are left alone (a replayed step's span is not host work)."""
@@ -383,10 +384,18 @@ def _host_scales(runs: list[dict], steps: dict, step_host: np.ndarray, timelines
     return scales
 
 
-def _idle_steps(table) -> np.ndarray:
-    """Per step of an iterations table in iteration order: did it begin after IDLE_GAP without a step?"""
-    start, end = np.asarray(table["host_start"]), np.asarray(table["host_end"])
-    return np.r_[False, start[1:] - end[:-1] > IDLE_GAP]
+def _twin_steps(table: pa.Table) -> list[dict[str, np.ndarray]]:
+    """A timeline trace's steps, one dict of columns per run, in step order, with `idle` (the step began
+    after IDLE_GAP without one) and `span`."""
+    runs = []
+    for run_id in sorted(set(table["run_id"].to_pylist())):
+        mine = table.filter(pa.compute.equal(table["run_id"], run_id)).sort_by("iteration_id")
+        steps = {c: mine[c].to_numpy(zero_copy_only=False) for c in mine.column_names}
+        start, end = steps["host_start"], steps["host_end"]
+        steps["idle"] = np.r_[False, start[1:] - end[:-1] > IDLE_GAP]
+        steps["span"] = end - start
+        runs.append(steps)
+    return runs
 
 
 def _wake_twin(runs: list[dict], steps: dict, timelines: list) -> float:
@@ -403,27 +412,21 @@ def _wake_twin(runs: list[dict], steps: dict, timelines: list) -> float:
     spans, run_ids = np.asarray(steps["span"]), np.asarray(steps["run_id"])
     all_idle = np.asarray(steps["idle_before"]) > IDLE_GAP
     for _, rows, table in timelines:
-        order = np.argsort(np.asarray(table["iteration_id"]), kind="stable")
-        twin = {c: np.asarray(table[c])[order] for c in (*keys, "host_start", "host_end")}
-        twin_idle = _idle_steps(twin)
-        first = {}
-        for i, step in enumerate(zip(*(twin[c] for c in keys), strict=True)):
-            first.setdefault(step, i)
-        twin_span = twin["host_end"] - twin["host_start"]
-        for run in runs:
-            if not any(_twin_key(run) == _twin_key(r) for r in rows):
-                continue
-            seen = set()
-            for row in np.flatnonzero(run_ids == run["run_id"]):
-                step = tuple(c[row] for c in columns)
-                i = first.get(step)
-                if i is None or step in seen or spans[row] <= 0:
-                    continue
-                seen.add(step)
-                if all_idle[row] and twin_idle[i]:
-                    woke.append(twin_span[i] / spans[row])
-                elif not all_idle[row] and not twin_idle[i]:
-                    busy.append(twin_span[i] / spans[row])
+        twins = [r for r in runs if any(_twin_key(r) == _twin_key(row) for row in rows)]
+        for twin in _twin_steps(table) if twins else []:
+            first = {}
+            for i, step in enumerate(zip(*(twin[c] for c in keys), strict=True)):
+                first.setdefault(step, i)
+            for run in twins:
+                seen = set()
+                for row in np.flatnonzero(run_ids == run["run_id"]):
+                    step = tuple(c[row] for c in columns)
+                    i = first.get(step)
+                    if i is None or step in seen or spans[row] <= 0 or twin["span"][i] <= 0:
+                        continue
+                    seen.add(step)
+                    if all_idle[row] == twin["idle"][i]:
+                        (woke if all_idle[row] else busy).append(twin["span"][i] / spans[row])
     if len(woke) < 3 or not busy:
         return 1.0
     return float(np.median(woke) / np.median(busy))
@@ -436,7 +439,9 @@ def _step_kinds(phases, tokens, kv_tokens) -> np.ndarray:
     return np.array([f"{p}/{t}/{k}" for p, t, k in zip(phases, bins, kv, strict=True)])
 
 
-def _step_ratio(spans: np.ndarray, kinds: np.ndarray, twin_spans: np.ndarray, twin_kinds: np.ndarray):
+def _step_ratio(
+    spans: np.ndarray, kinds: np.ndarray, twin_spans: np.ndarray, twin_kinds: np.ndarray
+) -> float | None:
     """Twin over run, step time weighted: for each kind of step both ran, the run's count of it times
     each side's median span; None when they share no kind of step."""
     numerator = denominator = 0.0
@@ -448,6 +453,8 @@ def _step_ratio(spans: np.ndarray, kinds: np.ndarray, twin_spans: np.ndarray, tw
 
 
 def _synchronous_scales(runs: list[dict], steps: dict, step_host: np.ndarray, timelines: list) -> dict:
+    """Per run on a synchronous device: its twins' step time over its own, like steps with like
+    (`_step_ratio`), the twins of one key pooled; at most 1. Runs without a twin keep their times."""
     twins: dict[tuple, list] = {}  # twins of one key pool their steps: repeated recordings average drift
     for _, rows, table in timelines:
         spans = np.asarray(table["host_end"]) - np.asarray(table["host_start"])
@@ -859,10 +866,11 @@ def _host_slopes(data: _Data, rows: np.ndarray, host: np.ndarray) -> dict[int, t
         mine = np.flatnonzero((key_of == k) & (d > 0))
         if mine.size < 5 or d[mine].max() < 4 * d[mine].min():
             continue
-        mine = mine[:: max(1, mine.size // 500)]  # Theil-Sen takes every pair: a few hundred shapes suffice
-        slope = float(np.clip(theilslopes(h[mine], d[mine])[0], 0.0, 0.5))
-        w = counts[mine]
-        intercept = float(np.sum(w * (h[mine] - slope * d[mine])) / np.sum(w))
+        sample = mine[:: max(1, mine.size // 500)]  # Theil-Sen takes every pair: a few hundred shapes do
+        slope = float(np.clip(theilslopes(h[sample], d[sample])[0], 0.0, 0.5))
+        every = key_of == k
+        w = counts[every]
+        intercept = float(np.sum(w * (h[every] - slope * d[every])) / np.sum(w))
         slopes[int(k)] = (max(intercept, 0.0), slope)
     return slopes
 

@@ -45,7 +45,7 @@ from revati.cost import Roofline, kernel_floor, peak_flops
 from revati.hardware import GpuSpec, gpu
 from revati.op_features import Features, op_family
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 _META_KEY = b"revati.profile"
 
 

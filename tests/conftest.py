@@ -10,11 +10,13 @@ class FixedCost:
 
     name = "fixed"
 
-    def __init__(self, device=None, host=None, launch_latency=0.0, sync_latency=0.0):
+    def __init__(self, device=None, host=None, launch_latency=0.0, sync_latency=0.0, **extra):
         self.device = dict(device or {})
         self.host = dict(host or {})
         self.launch_latency = launch_latency
         self.sync_latency = sync_latency
+        for name, value in extra.items():  # optional CostModel members: synchronous, wake_factor, host_slope
+            setattr(self, name, value)
 
     def device_time(self, key, features, dtype):
         return self.device.get(key, 0.0)
@@ -37,8 +39,8 @@ def emulate():
 
     made = []
 
-    def start(device=None, host=None, launch_latency=0.0, sync_latency=0.0, **kwargs):
-        cost = FixedCost(device, host, launch_latency, sync_latency)
+    def start(device=None, host=None, launch_latency=0.0, sync_latency=0.0, cost_extra=None, **kwargs):
+        cost = FixedCost(device, host, launch_latency, sync_latency, **(cost_extra or {}))
         emu = Emulator(gpu("h100"), cost, **{"host_time": "deterministic", **kwargs})
         emu.activate()
         made.append(emu)

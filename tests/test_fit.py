@@ -111,7 +111,7 @@ def _synthetic_trace(
                 "iterations",
                 {
                     "rank": 0, "iteration_id": step, "phase": "decode", "batch_size": 1, "tokens": 1,
-                    "kv_tokens": 1, "host_start": start, "host_end": t, "device_start": start,
+                    "kv_tokens": step + 1, "host_start": start, "host_end": t, "device_start": start,
                     "device_end": t,
                 },
             )  # fmt: skip
@@ -159,7 +159,7 @@ def test_on_a_cpu_timeline_twins_take_the_profilers_slowdown_out_of_device_and_h
         return 2e-6 + nbytes / 1e10
 
     _synthetic_trace(tmp_path / "full", lambda b: 1.6 * law(b), sizes=[1_000, 100_000], gap=8e-6)
-    _synthetic_trace(tmp_path / "timeline", law, sizes=[1_000, 100_000], gap=5e-6, ops=False, seed=1)
+    _synthetic_trace(tmp_path / "timeline", law, sizes=[1_000, 100_000], gap=5e-6, ops=False)
     alone = fit([tmp_path / "full"], holdout=0.0).profile
     twinned = fit([tmp_path / "full", tmp_path / "timeline"], holdout=0.0).profile
     features = {"numel": 50_000.0, "bytes": 600_000.0}
@@ -187,6 +187,18 @@ def test_the_first_step_after_idle_runs_slower_and_the_profile_says_by_how_much(
     assert Profile.read(profile.write(tmp_path / "p.parquet")).wake_factor == profile.wake_factor
     _synthetic_trace(tmp_path / "b", lambda b: 2e-6 + b / 1e10, sizes=[1_000, 100_000], steps=60)
     assert fit([tmp_path / "b"], holdout=0.0).profile.wake_factor == pytest.approx(1.0, abs=0.03)
+
+
+def test_timeline_twins_add_the_wake_up_cost_the_profiler_hid(tmp_path):
+    # profiled, wake-up steps ran 1.2x; the same steps without the profiler 1.8x: the profile takes 1.8
+    def law(nbytes):
+        return 2e-6 + nbytes / 1e10
+
+    common = {"sizes": [1_000, 100_000], "steps": 60, "wake_every": 5}
+    _synthetic_trace(tmp_path / "full", law, wake=1.2, **common)
+    _synthetic_trace(tmp_path / "timeline", law, wake=1.8, ops=False, **common)
+    profile = fit([tmp_path / "full", tmp_path / "timeline"], holdout=0.0).profile
+    assert profile.wake_factor == pytest.approx(1.8, rel=0.05)
 
 
 # --- profiles as data ---------------------------------------------------------------------------------
