@@ -33,10 +33,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
+
+from revati.metrics import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURE = ROOT.parent / "shared" / "workloads" / "azure_conv_2023.csv"
@@ -99,6 +102,34 @@ class Step:
         return seconds
 
 
+# This machine's speed at a moment: the median forward of small-llama on 4 x 64 tokens over 3 s.
+PROBE = """
+import time, torch
+from revati.models import build_model, load_config
+model = build_model(load_config("small-llama"), "cpu", torch.float32).eval()
+tokens = torch.randint(0, 4000, (4, 64))
+with torch.no_grad():
+    for _ in range(3):
+        model(tokens)
+    times, end = [], time.perf_counter() + 3
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        model(tokens)
+        times.append(time.perf_counter() - start)
+print(sorted(times)[len(times) // 2])
+"""
+
+
+def probe(before: Step, fresh: bool) -> float | None:
+    """This machine's speed just before the recording `before` runs (seconds per probe forward), kept
+    beside it as OUT.probe; for a recording reused, what was kept then (None if nothing was)."""
+    path = before.out.with_name(before.out.name + ".probe")
+    if fresh or not before.out.exists():
+        done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+        path.write_text(done.stdout.strip())
+    return float(path.read_text()) if path.exists() else None
+
+
 def record(engine: str, workload: str, out: Path, capture: str) -> Step:
     """Record `workload` on this CPU into `out`, with the profiler (`full`) or without (`timeline`)."""
     args = ["record", "--device", "cpu", "--model", MODEL, "--engine", engine, "--workload", workload]
@@ -134,7 +165,9 @@ def run_engine(engine: str, out: Path, modes: tuple[str, ...], rounds: int, fres
         for name, spec in HELD_OUT.items():
             recorded[name].append(base / name / f"recorded-{i}")
             steps.append(record(engine, spec, recorded[name][-1], "timeline"))
+    speed = {}
     for step in steps:  # every recording before any emulation, on a machine doing nothing else
+        speed[step.out] = probe(step, fresh)
         step.run(fresh)
     Step("fit", profile, ["fit", *map(str, fulls + twins), "-o", str(profile)]).run(fresh)
     rows = []
@@ -143,17 +176,36 @@ def run_engine(engine: str, out: Path, modes: tuple[str, ...], rounds: int, fres
             rows.append(
                 _row(engine, name, "recorded again", 0.0, compare(recorded[name][:1], recorded[name][1:]))
             )
+        ratio = _speed_ratio(speed, recorded[name], fulls + twins)
         for mode in modes:
             emulated = base / name / f"emulated-{mode}"
             wall = emulate(engine, spec, profile, mode, emulated).run(fresh)
-            rows.append(_row(engine, name, mode, wall, compare(recorded[name], [emulated])))
+            comparison = compare(recorded[name], [emulated])
+            rows.append(_row(engine, name, mode, wall, comparison))
+            if ratio is not None:
+                rows.append(_row(engine, name, f"{mode}, speed {ratio:.2f}", wall, comparison, ratio))
     return rows
 
 
-def _row(engine: str, workload: str, mode: str, seconds: float, comparison) -> dict:
-    row = {"engine": engine, "workload": workload, "mode": mode, "emulate_seconds": seconds}
+def _speed_ratio(speed: dict, recordings: list[Path], profiled: list[Path]) -> float | None:
+    """The machine's probe time around `recordings` over that around the `profiled` ones (medians)."""
+    if any(speed[p] is None for p in recordings + profiled):
+        return None
+    return float(np.median([speed[p] for p in recordings]) / np.median([speed[p] for p in profiled]))
+
+
+def _row(
+    engine: str, workload: str, mode: str, seconds: float, comparison, speed: float | None = None
+) -> dict:
+    """One row of the table. With `speed` (the machine's probe time while the workload was recorded over
+    that while the profile's recordings were), emulated latencies are scaled by it first: the machine's
+    drift between the two taken out, the emulation's own error left."""
+    row = {"engine": engine, "workload": workload, "mode": mode, "emulate_seconds": seconds, "speed": speed}
     for metric in METRICS:
         recorded, emulated, error = comparison.figures[metric]
+        if speed is not None and not metric.startswith("throughput") and emulated is not None:
+            emulated *= speed
+            error = relative_error(emulated, recorded)
         row.update({metric: error, f"{metric}_recorded": recorded, f"{metric}_emulated": emulated})
     return row
 
@@ -180,11 +232,14 @@ def show(rows: list[dict]) -> None:
             cells.append(text if error is None or error <= bound(metric) else f"[red]{text}[/]")
         table.add_row(row["engine"], row["workload"], row["mode"], *cells)
     Console(width=200).print(table)
-    for mode in sorted({r["mode"] for r in rows}):
-        errors = [r[m] for r in rows if r["mode"] == mode for m in METRICS if r[m] is not None]
-        if not errors:
-            continue
-        print(f"{mode}: mean error {100 * sum(errors) / len(errors):.1f}% over {len(errors)} figures")
+
+    def kind(row: dict) -> str:
+        mode = row["mode"].split(",")[0]
+        return mode if row["speed"] is None else f"{mode}, machine speed taken out"
+
+    for name in sorted({kind(r) for r in rows}):
+        errors = [r[m] for r in rows if kind(r) == name for m in METRICS if r[m] is not None]
+        print(f"{name}: mean error {100 * sum(errors) / len(errors):.1f}% over {len(errors)} figures")
 
 
 def main(argv: list[str] | None = None) -> int:
