@@ -1,9 +1,11 @@
 """End to end, held out: a profile fitted on one CPU recording predicts other workloads' latencies.
 
-Runs `benchmarks/accuracy.py` (both engines, two interleaved rounds, about 25 minutes on 2 cores).
+Runs `benchmarks/accuracy.py` (both engines, two interleaved rounds, about 30 minutes on 2 cores).
 The bounds are set by this machine: recordings of one workload on this VM differ from each other by
-2-80 % (its speed drifts over minutes), so the emulation is held to that noise plus a margin, and to a
-cap that no amount of noise excuses. Throughput, set by the arrivals, must hold to the issue's 5 %.
+2-80 % (its speed drifts over minutes). The benchmark probes the machine's speed before every recording;
+with the drift between the profile's recordings and the held-out ones taken out by that probe, the
+emulation is held to the held-out recordings' own disagreement plus a margin, and to a cap that no amount
+of noise excuses. Throughput, set by the arrivals, must hold to the issue's 5 % as measured.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ def test_emulated_held_out_workloads_stay_within_the_machines_own_noise(tmp_path
     noise = {
         (r["engine"], r["workload"]): mean_latency_error(r) for r in rows if r["mode"] == "recorded again"
     }
-    emulated = [r for r in rows if r["mode"] != "recorded again"]
-    assert len(emulated) == 2 * len(benchmark.HELD_OUT) * len(benchmark.MODES)
+    emulated = [r for r in rows if r["mode"] in benchmark.MODES]
+    drift_out = [r for r in rows if r["speed"] is not None]  # the machine's speed, probed, taken out
+    assert len(emulated) == len(drift_out) == 2 * len(benchmark.HELD_OUT) * len(benchmark.MODES)
     for row in emulated:
-        where = f"{row['engine']} · {row['workload']} · {row['mode']}"
-        assert row["throughput_tok_s"] <= 0.05, where
+        assert row["throughput_tok_s"] <= 0.05, f"{row['engine']} · {row['workload']} · {row['mode']}"
+    for row in drift_out:
         error = mean_latency_error(row)
-        assert error <= min(CAP, noise[row["engine"], row["workload"]] + MARGIN), where
+        bound = min(CAP, noise[row["engine"], row["workload"]] + MARGIN)
+        assert error <= bound, (
+            f"{row['engine']} · {row['workload']} · {row['mode']}: {error:.1%} > {bound:.1%}"
+        )
