@@ -124,6 +124,7 @@ def probe(before: Step, fresh: bool) -> float | None:
     """This machine's speed just before the recording `before` runs (seconds per probe forward), kept
     beside it as OUT.probe; for a recording reused, what was kept then (None if nothing was)."""
     path = before.out.with_name(before.out.name + ".probe")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if fresh or not before.out.exists():
         done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
         path.write_text(done.stdout.strip())
