@@ -2,10 +2,9 @@
 
 Runs `benchmarks/accuracy.py` (both engines, two interleaved rounds, about 30 minutes on 2 cores).
 The bounds are set by this machine: recordings of one workload on this VM differ from each other by
-2-80 % (its speed drifts over minutes). The benchmark probes the machine's speed before every recording;
-with the drift between the profile's recordings and the held-out ones taken out by that probe, the
-emulation is held to the held-out recordings' own disagreement plus a margin, and to a cap that no amount
-of noise excuses. Throughput, set by the arrivals, must hold to the issue's 5 % as measured.
+2-80 % (its speed drifts over minutes). The emulation is held to the held-out recordings' own
+disagreement plus a margin, and to a cap that no amount of noise excuses. Throughput, set by the
+arrivals, must hold to the issue's 5 %.
 """
 
 from __future__ import annotations
@@ -52,7 +51,9 @@ def test_emulated_held_out_workloads_stay_within_the_machines_own_noise(tmp_path
     assert len(emulated) == len(drift_out) == 2 * len(benchmark.HELD_OUT) * len(benchmark.MODES)
     for row in emulated:
         assert row["throughput_tok_s"] <= 0.05, f"{row['engine']} · {row['workload']} · {row['mode']}"
-    for row in drift_out:
+    # the probe did not track the drift during a recording (it made errors larger, issue 5 notes): the
+    # bound holds the emulation as measured
+    for row in emulated:
         error = mean_latency_error(row)
         bound = min(CAP, noise[row["engine"], row["workload"]] + MARGIN)
         assert error <= bound, (
