@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import duckdb
 
 from revati.metrics import relative_error
 from revati.schema import TABLES, TraceError, table_parts, trace_dirs
+from revati.workloads import workload_identity
 
 # {table_name} is replaced by a union over every side's parts of that trace table (see `open_traces`).
 VIEWS: dict[str, str] = {
@@ -219,20 +219,14 @@ def _row(recorded: float | None, emulated: float | None) -> tuple:
     return recorded, emulated, relative_error(emulated, recorded)
 
 
-def _workload_identity(spec: str | None) -> str | None:
-    """A workload spec with a replayed file named by its file name: `../w/azure.csv?limit=9` and
-    `/home/me/w/azure.csv?limit=9` are one workload given from two directories. (Two different files of
-    one name would pass as one: traces keep the spec, not the file's contents.)"""
-    if spec is None or ":" in spec.split("?")[0].split("/")[0]:  # a generated workload: `poisson:...`
-        return spec
-    path, _, query = spec.partition("?")
-    return Path(path).name + (f"?{query}" if query else "")
-
-
 def _comparable(identity: list[tuple], a: str, b: str) -> list[str]:
     """Warnings for sides that are not the same serving run: other models, devices, engines, workloads."""
     sides = {
-        side: [(*row[1:4], _workload_identity(row[4])) for row in identity if row[0] == side]
+        side: [
+            (*row[1:4], workload_identity(row[4]) if row[4] is not None else None)
+            for row in identity
+            if row[0] == side
+        ]
         for side in (a, b)
     }
     for side, rows in sides.items():

@@ -457,10 +457,10 @@ def _synchronous_scales(runs: list[dict], steps: dict, step_host: np.ndarray, ti
     (`_step_ratio`), the twins of one key pooled; at most 1. Runs without a twin keep their times."""
     twins: dict[tuple, list] = {}  # twins of one key pool their steps: repeated recordings average drift
     for _, rows, table in timelines:
-        spans = np.asarray(table["host_end"]) - np.asarray(table["host_start"])
-        kinds = _step_kinds(table["phase"].to_pylist(), table["tokens"], table["kv_tokens"])
         for key in {_twin_key(row) for row in rows}:
-            twins.setdefault(key, []).append((spans, kinds))
+            for twin in _twin_steps(table):
+                kinds = _step_kinds(twin["phase"], twin["tokens"], twin["kv_tokens"])
+                twins.setdefault(key, []).append((twin["span"], kinds))
     kinds = _step_kinds(steps["phase"], steps["tokens"], steps["kv_tokens"])
     scales = {}
     for run in runs:

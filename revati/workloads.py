@@ -103,10 +103,23 @@ _COLUMNS = {
 def parse_workload(spec_or_path: str | Path) -> Workload:
     """A workload from a spec ('poisson:rate=2,n=100,...') or a trace file ('trace.csv?scale=2&limit=100')."""
     text = str(spec_or_path).strip()
+    return _generate(text) if _generated(text) else _replay(text)
+
+
+def workload_identity(spec: str) -> str:
+    """A spec with a replayed file named by its file name: `../w/azure.csv?limit=9` and
+    `/home/me/w/azure.csv?limit=9` are one workload given from two directories. (Two different files of
+    one name would pass as one: traces keep the spec, not the file's contents.)"""
+    text = spec.strip()
+    if _generated(text):
+        return text
+    location, _, query = text.partition("?")
+    return Path(location).name + (f"?{query}" if query else "")
+
+
+def _generated(text: str) -> bool:
     kind, sep, _ = text.partition(":")
-    if sep and kind.lower() in _KINDS:
-        return _generate(text)
-    return _replay(text)
+    return bool(sep) and kind.lower() in _KINDS
 
 
 # --- generated workloads ---------------------------------------------------------------------------
