@@ -34,6 +34,8 @@ bench: $(STAMP)  ## speed benchmarks (ratios taken in one run)
 	$(PY) benchmarks/recorder_overhead.py
 	$(PY) benchmarks/fit_speed.py
 	$(PY) benchmarks/cross_hardware.py
+	$(PY) benchmarks/distributed.py
+	$(PY) benchmarks/tp_scaling.py
 
 accuracy: $(STAMP)  ## end-to-end accuracy on held-out CPU workloads (~25 min on 2 cores; a quiet machine)
 	$(PY) benchmarks/accuracy.py --out runs/accuracy

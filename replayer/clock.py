@@ -59,6 +59,31 @@ class _Thread:
     local: float | None = None
 
 
+@dataclass(eq=False)
+class Pending:
+    """A stream's time after a collective that waits for other ranks: max(M + a, b), where M, the latest
+    rank's arrival, is not known yet. Later launches keep the form (a kernel of duration d on it gives
+    max(M + a + d, max(b, its host time + launch latency) + d)); `resolve` asks the other ranks for M only
+    when someone needs a concrete time: a host sync, an event, the stream's next collective."""
+
+    resolve: object  # () -> M, blocking until every rank has arrived
+    a: float
+    b: float = float("-inf")
+    m: float | None = None  # M, once resolved
+    source: object = None  # what M is the end of (replayer.distributed chains collectives on it)
+
+    def at(self, a: float, b: float) -> float:
+        """A time of the form max(M + a, b), resolving M if nobody has yet."""
+        if self.m is None:
+            self.m = self.resolve()
+        return max(self.m + a, b)
+
+
+def concrete(t) -> float:
+    """A logged device time: a float, or (Pending, a, b) for a launch behind a collective, resolved since."""
+    return t if type(t) is not tuple else t[0].at(t[1], t[2])
+
+
 @dataclass(order=True)
 class _Sleeper:
     deadline: float
@@ -86,6 +111,7 @@ class Clock:
         self._threads: dict[int, _Thread] = {}
         self._heap: list[_Sleeper] = []
         self._seq = itertools.count()
+        self.pending: dict[int, Pending] = {}  # streams behind a collective that other ranks decide
         self._held = 0  # threads inside slow emulator work (see `hold`)
         self._starting = 0  # threads being started: not registered yet, but about to run
 
@@ -227,6 +253,13 @@ class Clock:
                 graph.ops += 1
                 graph.kernels += duration > 0
                 stream = -stream - 1  # a captured launch: start is its offset in the graph (see `launch`)
+            elif self.pending and stream in self.pending:  # behind a collective: the time stays a form
+                p = self.pending[stream]
+                b = max(p.b, host + self.launch_latency)
+                start = (p, p.a, b)
+                if duration > 0:
+                    p.a += duration
+                    p.b = b + duration
             else:
                 start = host + self.launch_latency
                 busy = self.streams.get(stream, 0.0)
@@ -254,21 +287,61 @@ class Clock:
     def advance_stream(self, stream: int, duration: float) -> float:
         """Append `duration` of work to a stream (a graph replay); returns its start."""
         with self._cv:
-            start = max(self.streams.get(stream, 0.0), self.now + self.launch_latency)
+            start = max(self._stream_time(stream), self.now + self.launch_latency)
             self.streams[stream] = start + duration
             return start
 
+    def stream_time(self, stream: int) -> float:
+        """When a stream's work so far ends (other ranks are asked if a collective on it waits for them)."""
+        with self._cv:
+            return self._stream_time(stream)
+
+    def _stream_time(self, stream: int) -> float:
+        if self.pending:
+            p = self.pending.pop(stream, None)
+            if p is not None:
+                self.streams[stream] = p.at(p.a, p.b)
+        return self.streams.get(stream, 0.0)
+
+    def start_form(self, stream: int) -> tuple[Pending | None, float, float]:
+        """When work launched now on `stream` would start, without asking other ranks: (None, 0, t) for a
+        time t, or (p, a, b) for max(M + a, b) with M the pending p's unknown time."""
+        with self._cv:
+            now = self.now + self.launch_latency
+            p = self.pending.get(stream) if self.pending else None
+            if p is None:
+                return None, 0.0, max(self.streams.get(stream, 0.0), now)
+            return p, p.a, max(p.b, now)
+
+    def start_time(self, stream: int) -> float:
+        """When work launched now on `stream` would start: max(S_s, H + launch latency)."""
+        with self._cv:
+            return max(self._stream_time(stream), self.now + self.launch_latency)
+
+    def end_collective(self, stream: int, end: float | Pending, host_cost: float) -> None:
+        """A collective issued on `stream` ends at `end` (or later, once other ranks are known: a Pending);
+        issuing it costs the host `host_cost`."""
+        with self._cv:
+            if isinstance(end, Pending):
+                self.pending[stream] = end
+            else:
+                self.streams[stream] = end
+            self._advance_locked(self.now + host_cost, self._me())
+
     def sync_stream(self, stream: int) -> None:
         """The host waits for a stream's work: H = max(H, S_s)."""
-        self.advance_to(self.streams.get(stream, 0.0))
+        self.advance_to(self.stream_time(stream))
 
     def sync_all(self) -> None:
+        with self._cv:
+            for stream in list(self.pending):
+                self._stream_time(stream)
         self.advance_to(max(self.streams.values()))
 
     def stream_wait(self, waiter: int, until: float) -> None:
         """Stream `waiter` starts no later work before device time `until` (event wait)."""
         with self._cv:
-            self.streams[waiter] = max(self.streams.get(waiter, 0.0), until)
+            self.streams[waiter] = max(self._stream_time(waiter), until)
 
     # -- blocking ------------------------------------------------------------------------------
 

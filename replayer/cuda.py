@@ -68,7 +68,7 @@ def make_stream_class(emu: Emulator):
             event.wait(self)
 
         def wait_stream(self, stream):
-            emu.clock.stream_wait(self.stream_id, emu.clock.streams.get(stream.stream_id, 0.0))
+            emu.clock.stream_wait(self.stream_id, emu.clock.stream_time(stream.stream_id))
 
         def record_event(self, event=None):
             event = event or torch.cuda.Event()
@@ -76,7 +76,7 @@ def make_stream_class(emu: Emulator):
             return event
 
         def query(self):
-            return emu.clock.streams.get(self.stream_id, 0.0) <= emu.clock.now
+            return emu.clock.stream_time(self.stream_id) <= emu.clock.now
 
         def synchronize(self):
             emu.clock.sync_stream(self.stream_id)
@@ -112,7 +112,7 @@ def make_event_class(emu: Emulator):
         def record(self, stream=None):
             sid = stream.stream_id if stream is not None else emu.clock.current_stream()
             clock = emu.clock
-            self.time = max(clock.streams.get(sid, 0.0), clock.now + clock.launch_latency)
+            self.time = clock.start_time(sid)
             clock.streams[sid] = self.time
             clock.advance(emu.cost.host_time("cudaEventRecord") * 0.2)
 
@@ -467,6 +467,9 @@ def _install_accelerator(emu: Emulator, patch: Patcher, synchronize) -> None:
     patch.set(acc, "current_device_index", current_device_index)
     patch.set(acc, "current_device_idx", lambda: emu.device.index or 0)
     patch.set(acc, "synchronize", acc_synchronize)
+    patch.set(acc, "set_device_index", lambda device_index: torch.cuda.set_device(device_index))
+    # transformers and DeviceMesh pick their device type from the C-level accelerator (cpu on a CPU build)
+    patch.set(torch._C, "_get_accelerator", lambda check=False: torch.device("cuda"))
     if hasattr(acc, "memory"):
         mem = acc.memory
         for name, fn in (

@@ -8,6 +8,7 @@ result is small.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +132,8 @@ class Dispatcher:
         special = _SPECIAL_IDS.get(id(func))
         if special is not None:
             return special(self, func, args, kwargs or {})
+        if func.namespace in _COLLECTIVE_NAMESPACES:
+            return _collective(self, func, args, kwargs or {})
         return self.run(func, args, kwargs or _NO_KWARGS)
 
     def run(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
@@ -216,6 +219,20 @@ class Dispatcher:
                 value = func(*args, **kwargs)
         m = Meta.of_tensor(meta)
         return make(m, device, Storage(m.nbytes, self.allocator, True if value is not None else None), value)
+
+    def collective_signature(self, key: str, features: dict, duration: float, host: float) -> Signature:
+        """The signature of a collective issued by the virtual process group (for the op log)."""
+        ckey = (key, *sorted(features.items()))
+        sig = self.cache.get(ckey)
+        if sig is None:
+            sig = Signature(
+                key=key, duration=duration, host=host, outs=[], kind=None, mutated=(), names=[],
+                value_ok=False, fast=None, fast_view=None, scalars=json.dumps(features, sort_keys=True),
+                sig_id=len(self.signatures),
+            )  # fmt: skip
+            self.signatures.append(sig)
+            self.cache[ckey] = sig
+        return sig
 
     # -- signatures ------------------------------------------------------------------------------
 
@@ -537,6 +554,16 @@ def _fused_sdp_choice(d: Dispatcher, func, args, kwargs):
     half = q.dtype in (torch.float16, torch.bfloat16)
     flash = half and mask is None and q.shape[-1] <= 256
     return 1 if flash else 2  # SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
+
+
+_COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
+_CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+
+def _collective(d: Dispatcher, func, args, kwargs):
+    """A c10d or functional collective on virtual tensors: its CUDA kernel hands it to the process group
+    (the `revati` backend under emulation: replayer.distributed), which prices and coordinates it."""
+    return func.redispatch(_CUDA_KEYS, *args, **kwargs)
 
 
 def _generic(d: Dispatcher, func, args, kwargs):

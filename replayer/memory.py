@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -53,6 +54,23 @@ class Allocator:
     def empty_cache(self) -> None:
         with self._lock:
             self.reserved = self.allocated
+
+    @contextlib.contextmanager
+    def unbounded(self):
+        """Allocate past capacity for a while (a model built whole, then sharded); peaks start over after."""
+        usable, self._usable = self._usable, float("inf")
+        try:
+            yield
+        finally:
+            self._usable = usable
+            self.reset_peak()
+            self.reserved = self.allocated
+
+    def check(self) -> None:
+        """Raise `torch.cuda.OutOfMemoryError` if what is allocated exceeds the GPU (after `unbounded`)."""
+        if self.allocated > self._usable:
+            self.num_ooms += 1
+            raise torch.cuda.OutOfMemoryError(self._oom_message(0))
 
     def reset_peak(self) -> None:
         with self._lock:

@@ -6,15 +6,18 @@ print(result.metrics.ttft.p50, result.virtual_seconds, result.wall_seconds)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from replayer import distributed
 from replayer.session import Emulator
 from revati.cost import CostModel
 from revati.hardware import GpuSpec
@@ -38,6 +41,7 @@ class EmulationConfig:
     profile: str | None = None
     ops: str = "sample"  # which op rows the trace keeps: all, sample, none
     seed: int = 0
+    tp: int = 1  # tensor parallelism: symmetric ranks, one emulated in this process (replayer.distributed)
     options: dict = field(default_factory=dict)
 
 
@@ -96,7 +100,6 @@ def emulate(
 ) -> EmulationResult:
     """Serve `workload` with `config.engine` on a virtual `spec` GPU priced by `cost`; trace to `out`."""
     from revati.engines import engine_options, run_engine
-    from revati.models import build_model
 
     options = dict(config.options)
     if spec.key == "cpu" and "size_for_workload" in engine_options(config.engine):
@@ -112,8 +115,8 @@ def emulate(
     )
     started = time.time()
     writer = None
-    with emu:
-        model = build_model(model_config, "cuda", _dtype(config.dtype))
+    with emu, _tp_world(config.tp, spec, init=True):
+        model = _build(emu, model_config, _dtype(config.dtype), config.tp)
         weights = emu.allocator.allocated
         if on_model is not None:
             on_model(weights)
@@ -172,6 +175,50 @@ def emulate(
     return result
 
 
+@contextlib.contextmanager
+def _tp_world(tp: int, spec: GpuSpec, init: bool):
+    """`tp` symmetric ranks, this process being rank 0 (torchrun's variables set for the code that reads
+    them); `init`: start the torch.distributed world here (an engine run) rather than leave it to a script."""
+    if tp <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    # kept: the overhead benchmark's switches (price, coordinate); counters start over
+    distributed.set_topology(
+        replace(
+            distributed.topology(), world_size=tp, symmetric=True, gpus_per_node=spec.gpus_per_node,
+            collectives=0, waited=0.0,
+        )
+    )  # fmt: skip
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(tp))
+    try:
+        if init:
+            dist.init_process_group("nccl")  # the revati backend under emulation, on a local store
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        distributed.set_topology(distributed.Topology())
+
+
+def _build(emu: Emulator, model_config, dtype: torch.dtype, tp: int):
+    """The model on the virtual GPU; sharded by transformers' tensor parallelism when tp > 1. Sharding
+    starts from the whole model, which need not fit one GPU: memory is checked once it is sharded."""
+    from revati.models import build_model
+
+    if tp <= 1:
+        return build_model(model_config, "cuda", dtype)
+    with emu.allocator.unbounded():
+        model = build_model(model_config, "cuda", dtype, tp=tp)
+    emu.allocator.check()
+    return model
+
+
 def _run_row(
     emu: Emulator, config: EmulationConfig, workload: Workload, model_config, started: float
 ) -> dict:
@@ -190,7 +237,7 @@ def _run_row(
         "engine": config.engine,
         "model": config.model,
         "model_config": model_config.to_json_string(use_diff=False),
-        "tp": 1,
+        "tp": config.tp,
         "pp": 1,
         "workload": workload.spec,
         "host_time_mode": config.host_time,
@@ -210,10 +257,13 @@ def _utc(ts: float):
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
-def emulate_script(argv: list[str], spec: GpuSpec, cost: CostModel, host_time: str) -> tuple[int, Emulator]:
-    """Run a script (`python script.py args` or `script.py args`) under emulation, like `coverage run`."""
+def emulate_script(
+    argv: list[str], spec: GpuSpec, cost: CostModel, host_time: str, tp: int = 1
+) -> tuple[int, Emulator]:
+    """Run a script (`python script.py args` or `script.py args`) under emulation, like `coverage run`; with
+    tp > 1 it runs as rank 0 of `tp` symmetric ranks (`init_process_group` needs no other process)."""
     script = Script.parse(argv, "emulate")
     emu = Emulator(spec, cost, host_time=host_time, ops="none")
-    with emu:
+    with _tp_world(tp, spec, init=False), emu:
         code = script.run()
     return code, emu

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from replayer import cuda as _cuda
-from replayer import meta_kernels, native, tensor, timewarp
-from replayer.clock import Clock
+from replayer import distributed, meta_kernels, native, tensor, timewarp
+from replayer.clock import Clock, concrete
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
 from replayer.oracle import TokenOracle
@@ -86,14 +86,15 @@ class Emulator:
         special_tokens: set[int] | None = None,
         seed: int = 0,
         device_count: int = 1,
+        device_index: int = 0,  # a rank's own GPU on its node (LOCAL_RANK): tensors live on cuda:device_index
     ):
         if host_time not in ("wall", "deterministic"):
             raise ValueError(f"host_time must be 'wall' or 'deterministic', not {host_time!r}")
         self.gpu = gpu
         self.cost = cost
         self.host_time = host_time
-        self.device = torch.device("cuda", 0)
-        self.device_count = device_count
+        self.device = torch.device("cuda", device_index)
+        self.device_count = max(device_count, device_index + 1)
         self.clock = Clock(launch_latency=cost.launch_latency, wall=host_time == "wall")
         self.allocator = Allocator(gpu.memory_bytes, gpu.name)
         self.oracle = TokenOracle(special_tokens, seed)
@@ -144,6 +145,7 @@ class Emulator:
         else:
             tensor.set_dispatch(self.dispatcher.dispatch, self.dispatcher.torch_dispatch)
         _cuda.install(self, self._patch)
+        distributed.install(self, self._patch)
         _install_entry_points(self, self._patch)
         timewarp.install(self, self._patch)
         self.active = True
@@ -151,6 +153,7 @@ class Emulator:
     def deactivate(self) -> None:
         global _CURRENT
         self.active = False
+        distributed.uninstall()
         tensor.set_dispatch(None)
         self._patch.restore()
         _CURRENT = None
@@ -191,6 +194,27 @@ class Emulator:
                     self._iteration,
                 ),
             )
+
+    def outside(self, fn, *args):
+        """Run emulator work called from serving code (a collective): in wall mode its time is not theirs."""
+        if not self.clock.wall:
+            return fn(*args)
+        st = self.clock.enter()
+        try:
+            return fn(*args)
+        finally:
+            self.clock.leave(st)
+
+    def collective_launched(
+        self, key: str, features: dict, duration: float, host_cost: float, launched
+    ) -> None:
+        """Count and log a collective the process group issued (`launched`: host time, start, stream)."""
+        d = self.dispatcher
+        d.ops += 1
+        if self._log_ops:
+            host, start, stream = launched
+            sig = d.collective_signature(key, features, duration, host_cost)
+            self.ops.append((d.ops, sig.sig_id, host, host_cost, start, duration, stream, self._iteration))
 
     def host_sync(self) -> None:
         """A host read of device data: wait for the calling thread's stream."""
@@ -240,7 +264,7 @@ class Emulator:
             "tokens": tokens,
             "kv_tokens": kv_tokens,
             "host_start": now,
-            "device_start": max(clock.streams.get(stream, 0.0), now),
+            "device_start": max(clock.stream_time(stream), now),
         }
 
     def iteration_end(self) -> None:
@@ -249,7 +273,7 @@ class Emulator:
             return
         clock = self.clock
         row["host_end"] = clock.read()
-        row["device_end"] = max(clock.streams.get(clock.current_stream(), 0.0), row["device_start"])
+        row["device_end"] = max(clock.stream_time(clock.current_stream()), row["device_start"])
         self.iterations.append(row)
         self._last_step_end = row["host_end"]
         self.wake = 1.0
@@ -283,7 +307,7 @@ class Emulator:
             "stream": [x if x >= 0 else -x - 1 for x in stream],
             "host_start": [h - self.origin for h in host],
             "host_duration": hdur,
-            "device_start": [d - self.origin for d in start],
+            "device_start": [concrete(d) - self.origin for d in start],
             "device_duration": dur,
             "in_graph": [x < 0 for x in stream],
             "iteration_id": it,
@@ -374,14 +398,14 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
     real_to, real_tensor, real_as_tensor = Tensor.to, torch.tensor, torch.as_tensor
 
     def to(self, *args, **kwargs):
-        if type(self) is not VTensor:
+        if type(self) is not VTensor and self.device.type != "cuda":  # a DTensor over VTensors is on cuda
             device, dtype, non_blocking, _ = torch._C._nn._parse_to(*_int_device(args), **kwargs)
             if _is_cuda(device):
                 return emu.from_host(self, dtype, non_blocking)
         return real_to(self, *args, **kwargs)
 
     def cuda(self, device=None, non_blocking=False, memory_format=None):
-        if type(self) is VTensor:
+        if type(self) is VTensor or self.device.type == "cuda":
             return self
         return emu.from_host(self, None, non_blocking)
 

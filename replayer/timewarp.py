@@ -11,6 +11,8 @@ virtual time.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import queue
 import selectors
 import socket
@@ -29,11 +31,27 @@ _real_join = threading.Thread.join
 _real_start = threading.Thread.start
 
 
+BASES_ENV = "REVATI_CLOCK_BASES"  # set by a launcher: every rank's time.time() reads the same instant
+
+
+def clock_bases() -> dict[str, float]:
+    """What time.time / perf_counter / monotonic read at virtual time 0: whole seconds, rounded up (clocks
+    never run backwards; differences lose no bits to the base); a launcher's, where it set them."""
+    shared = os.environ.get(BASES_ENV)
+    if shared:
+        try:
+            bases = {k: float(v) for k, v in json.loads(shared).items()}
+            if set(bases) == set(_real):
+                return bases
+        except (ValueError, AttributeError):
+            pass
+    return {name: float(int(real()) + 1) for name, real in _real.items()}
+
+
 def install(emu: Emulator, patch: Patcher) -> None:
     """Route the time module, condition waits and new asyncio loops through the virtual clock."""
     clock = emu.clock
-    # Whole seconds, rounded up (clocks never run backwards): differences lose no bits to the base.
-    bases = {name: float(int(real()) + 1) for name, real in _real.items()}
+    bases = clock_bases()
 
     def reader(name):
         base = bases[name]

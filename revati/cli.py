@@ -63,7 +63,10 @@ def _root() -> None:
         "prompt=fixed(64),output=fixed(16)' --json\n\n"
         "  revati emulate --model llama-3.1-70b --gpu h200\n\n"
         "  revati emulate --workload ../shared/workloads/azure_conv_2023.csv?limit=50\n\n"
-        "  revati emulate -- python bench.py --batch 8"
+        "  revati emulate -- python bench.py --batch 8\n\n"
+        "  revati emulate --model llama-3.1-70b --gpu h100 --tp 8      # one process stands for 8 ranks\n\n"
+        "  revati emulate --tp 2 --pp 2 -- python train_step.py        # 4 processes, one per rank\n\n"
+        "  revati emulate -- torchrun --nproc-per-node 4 serve.py"
     ),
 )
 def emulate(
@@ -88,6 +91,14 @@ def emulate(
         [], "--option", "-o", help="An engine option KEY=VALUE, repeatable (e.g. -o batch_size=16)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    tp: int = typer.Option(
+        1, min=1, help="Tensor-parallel ranks. Symmetric: one process emulates one rank and stands for all."
+    ),
+    pp: int = typer.Option(
+        1,
+        min=1,
+        help="Pipeline stages (script runs): tp x pp processes, one per rank, with coordinated clocks.",
+    ),
 ) -> None:
     """Run real serving code on a virtual GPU and report how fast it would serve."""
     try:
@@ -98,14 +109,21 @@ def emulate(
                 verb = "does" if len(unused) == 1 else "do"
                 raise BadInput(
                     f"{', '.join(unused)} {verb} not apply to a script run (`revati emulate -- python ...`): "
-                    "the script builds its own model and workload; only --gpu and --host-time do"
+                    "the script builds its own model and workload; only --gpu, --host-time, --tp and --pp do"
                 )
-            _emulate_script(ctx.args, gpu or "h100", host_time)
+            _emulate_script(ctx.args, gpu or "h100", host_time, tp, pp)
             return
+        if pp > 1:
+            raise BadInput(
+                f"--pp {pp}: the {engine} engine has no pipeline parallelism; --pp applies to script runs "
+                "(`revati emulate --pp 2 -- python ...`)"
+            )
         if ops not in ("all", "sample", "none"):
             raise BadInput(f"--ops must be all, sample or none, not {ops!r}")
         plan = _plan(engine, model, gpu, workload, profile, host_time, out, dtype)
         plan["options"] = _engine_options(engine, option)
+        plan["tp"] = tp
+        _check_tp(plan["model_config"], tp)
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
     _run_emulation(plan, ops, as_json)
@@ -681,6 +699,7 @@ def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
         dtype=plan["dtype"],
         profile=getattr(plan["cost"], "path", None),
         ops=ops,
+        tp=plan.get("tp", 1),
         options=plan["options"],
     )
     work = plan["workload"]
@@ -694,7 +713,7 @@ def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
         transient=as_json,
     )
     task = progress.add_task(
-        f"{plan['engine']} · {plan['model']} · {plan['spec'].key}", total=len(work), vt=0.0
+        f"{plan['engine']} · {plan['model']} · {plan['spec'].key}{_tp_label(plan)}", total=len(work), vt=0.0
     )
 
     def on_result(r) -> None:
@@ -760,6 +779,7 @@ def _figures(result, plan) -> dict:
         "engine": plan["engine"],
         "model": plan["model"],
         "gpu": plan["spec"].key,
+        "tp": plan.get("tp", 1),
         "host_time": plan["host_time"],
         "cost_model": result.cost_model,
         "requests": m.requests,
@@ -837,7 +857,21 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
-def _emulate_script(argv: list[str], gpu_name: str, host_time: str) -> None:
+def _tp_label(plan: dict) -> str:
+    return f" · tp {plan['tp']}" if plan.get("tp", 1) > 1 else ""
+
+
+def _check_tp(model_config, tp: int) -> None:
+    from revati.models import _check_tp as check
+
+    try:
+        check(model_config, tp)
+    except ValueError as e:
+        raise BadInput(f"--tp: {e}") from None
+
+
+def _emulate_script(argv: list[str], gpu_name: str, host_time: str, tp: int = 1, pp: int = 1) -> None:
+    from replayer.ranks import is_torchrun
     from replayer.run import emulate_script
     from revati.cost import Roofline
     from revati.hardware import gpu as gpu_spec
@@ -849,14 +883,45 @@ def _emulate_script(argv: list[str], gpu_name: str, host_time: str) -> None:
     except ValueError as e:
         raise BadInput(str(e)) from None
     _check_host_time(host_time)
+    if is_torchrun(argv) or pp > 1:
+        if is_torchrun(argv) and (tp > 1 or pp > 1):
+            raise BadInput(
+                "--tp / --pp with torchrun: torchrun's --nproc-per-node says how many ranks there are"
+            )
+        _emulate_ranks(argv, spec, host_time, tp * pp)
+        return
     _check_script(argv)
     # Not wrapped in `except ValueError`: once the script runs, its own errors are its own, not bad input.
-    code, emu = emulate_script(argv, spec, Roofline(spec), host_time)
+    code, emu = emulate_script(argv, spec, Roofline(spec), host_time, tp=tp)
     err_console.print(
         f"[dim]revati: virtual {spec.name}: {emu.clock.now:.4f} s of virtual time, "
         f"{emu.dispatcher.ops:,} ops, peak {emu.allocator.peak / 2**30:.2f} GiB[/]",
         highlight=False,
     )
+    sys.exit(code)
+
+
+def _emulate_ranks(argv: list[str], spec, host_time: str, ranks: int) -> None:
+    """One process per rank (or torchrun's), emulated from the environment; a table of the ranks' clocks."""
+    import tempfile
+
+    from replayer.ranks import is_torchrun, launch
+
+    if not is_torchrun(argv):
+        _check_script(argv)
+    with tempfile.TemporaryDirectory(prefix="revati-ranks-") as tmp:
+        code, rows = launch(argv, ranks, spec.key, host_time, Path(tmp), gpus_per_node=spec.gpus_per_node)
+    table = Table(title=f"{len(rows)} ranks on virtual {spec.name}s", title_justify="left")
+    for col in ("rank", "virtual s", "collectives", "waited (real s)", "ops", "peak GiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r.rank), f"{r.virtual_seconds:.6f}", f"{r.collectives:,}", f"{r.waited:.3f}", f"{r.ops:,}",
+            f"{r.peak_memory / 2**30:.2f}",
+        )  # fmt: skip
+    err_console.print(table)
+    if not rows:
+        err_console.print("[bold red]revati:[/] no rank reported (did the command start any?)")
     sys.exit(code)
 
 

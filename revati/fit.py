@@ -58,11 +58,16 @@ _SYNC_KEYS = {
     "aten::_unique2",
 }
 _PRIMARY = ("flops", "bytes", "numel")  # the features linear regressions may use
-_SHAPES = {"matmul": ("m", "n", "k"), "attention": ("batch", "heads", "q_len", "kv_len", "head_dim")}
+_SHAPES = {
+    "matmul": ("m", "n", "k"),
+    "attention": ("batch", "heads", "q_len", "kv_len", "head_dim"),
+    "collective": ("bytes", "group_size"),
+}
 # The axis a 'table' model interpolates along, and the features that must match (module doc of profile)
 _AXIS = {
     "matmul": ("m", ("n", "k", "batch")),
     "attention": ("flops", ("heads", "kv_heads", "head_dim", "causal")),
+    "collective": ("bytes", ("group_size", "nodes")),
 }
 _DEFAULT_AXIS = ("bytes", ())
 

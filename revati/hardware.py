@@ -36,6 +36,10 @@ class GpuSpec:
     l2_bytes: int
     clock_mhz: int  # max boost clock
     price_per_hour: float | None = None  # USD per GPU-hour, where the user sets one
+    # Between nodes: one 400 Gb/s InfiniBand NDR (ConnectX-7) port per GPU, as in DGX / HGX H100 and H200
+    # systems; 8 GPUs per NVLink domain. Collectives spanning nodes run at this rate.
+    network_bandwidth: float = 50 * GB  # bytes/s per GPU per direction
+    gpus_per_node: int = 8
 
     def peak_flops(self, dtype: object) -> float:
         """Dense peak FLOP/s for a dtype given as a torch dtype or name ('bfloat16', 'fp8', ...)."""

@@ -57,12 +57,38 @@ def load_config(name_or_path: str | os.PathLike) -> PretrainedConfig:
     return config
 
 
-def build_model(config: PretrainedConfig, device: str | torch.device, dtype: torch.dtype | None = None):
-    """A causal LM with random weights built directly on `device` (default dtype: config's), in eval mode."""
+def build_model(
+    config: PretrainedConfig, device: str | torch.device, dtype: torch.dtype | None = None, tp: int = 1
+):
+    """A causal LM with random weights built directly on `device` (default dtype: config's), in eval mode.
+
+    With `tp` > 1 the model is sharded by transformers' own tensor parallelism (the model's `tp_plan`, as
+    `from_pretrained(distributed_config=...)` applies it) over a torch.distributed world of `tp` ranks,
+    which must be initialised already.
+    """
     dtype = dtype or config.dtype or torch.float32
+    if tp > 1:
+        _check_tp(config, tp)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if tp > 1:
+        from transformers.distributed import DistributedConfig
+
+        cls = type(model)
+        distributed, _, meshes = cls.prepare_distribute_model(DistributedConfig(tp_size=tp))
+        model = cls.maybe_distribute_model(model, distributed, meshes)
     return model.eval()
+
+
+def _check_tp(config: PretrainedConfig, tp: int) -> None:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        raise ValueError(
+            f"{config.name_or_path or config.model_type}: tensor parallelism {tp} must divide "
+            f"the attention heads "
+            f"({heads}) and the key / value heads ({kv_heads})"
+        )
 
 
 def param_count(config: PretrainedConfig) -> int:

@@ -26,6 +26,7 @@ A no-kernel op's features are exactly {'kernel': 0.0}; a cost model gives it no 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -369,8 +370,13 @@ def _ops(namespace: str, *names: str) -> list[OpOverloadPacket]:
 @register_features(
     *_ops("c10d", "broadcast_"), *_ops("_c10d_functional", "broadcast"), key="revati::broadcast"
 )
+@register_features(*_ops("c10d", "reduce_", "barrier"), key="revati::reduce")
+@register_features(*_ops("c10d", "gather_"), key="revati::gather")
+@register_features(*_ops("c10d", "scatter_"), key="revati::scatter")
+@register_features(*_ops("c10d", "send", "recv_", "recv_any_source_"), key="revati::send_recv")
 def collective(func: OpOverload, a: dict[str, Any], out: Any) -> Features:
-    """bytes: the full-size side (all-gather's output, reduce-scatter's input); group_size where visible."""
+    """bytes: the full-size side (all-gather's output, reduce-scatter's input); group_size where visible
+    (the emulator's process group adds `nodes`, the nodes the group spans)."""
     sides = [sum(_nbytes(t) for t in _tensors(value)) for value in a.values()] + [_out_bytes(out)]
     features = {"bytes": float(max(sides))}
     size = _group_size(a)
@@ -545,6 +551,8 @@ def row_features(key: str, shapes: tuple, dtypes: tuple, scalars: str | None) ->
     """
     if not launches_kernel(key):
         return {"kernel": 0.0}, True
+    if op_family(key) == "collective":
+        return _collective_row(shapes, dtypes, scalars)
     metas = [_meta(s, d) for s, d in zip(shapes, dtypes, strict=False)]
     values = _parse_scalars(scalars)
     if key == "revati::attention":
@@ -569,6 +577,19 @@ def row_features(key: str, shapes: tuple, dtypes: tuple, scalars: str | None) ->
         return op_features(func, tuple(args), {}, out)[1], True
     inputs = {f"input{i}": t for i, t in enumerate(metas)}
     return elementwise(aten.add.Tensor, inputs, None), False
+
+
+def _collective_row(shapes: tuple, dtypes: tuple, scalars: str | None) -> tuple[Features, bool]:
+    """A collective's row: its scalars hold its features as a JSON object (bytes, group_size, nodes), which
+    shapes alone cannot tell; without them, the bytes of its tensors (exact: False)."""
+    try:
+        features = json.loads(scalars) if scalars else None
+    except ValueError:
+        features = None
+    if isinstance(features, dict) and "bytes" in features:
+        return {k: float(v) for k, v in features.items()}, True
+    metas = [_meta(s, d) for s, d in zip(shapes, dtypes, strict=False)]
+    return {"bytes": float(sum(_nbytes(t) for t in metas))}, False
 
 
 def _meta(shape, dtype: str) -> torch.Tensor:

@@ -326,6 +326,11 @@ class Profile:
     def _model(self, key: str, dtype: str) -> tuple[OpModel | None, OpModel | None]:
         models = self._device_models
         model = models.get((key, dtype)) or models.get((key, "unknown"))
+        if op_family(key) == "collective":
+            # a collective's time is links, not kernels: its own fitted model, else the family's fitted over
+            # recorded collectives, else the roofline's ring / tree (never the pooled compute model)
+            family = models.get(("family:collective", dtype))
+            return model or family, family
         family = models.get((f"family:{op_family(key)}", dtype)) or models.get(("family:*", dtype))
         if model is None:
             model = family or models.get(("family:*", "*"))

@@ -1,0 +1,202 @@
+"""Ranks in separate processes: launch them like torchrun, and emulate inside each from its environment.
+
+`launch(argv, ranks=4, ...)` starts one process per rank with torchrun's variables (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR / PORT) and a c10d TCPStore held here, as torchrun's agent holds it; a command
+that is itself `torchrun ...` is started once and makes its ranks itself. Either way emulation follows
+into the ranks through the environment: `replayer/site/sitecustomize.py` runs `activate_from_env()` at
+interpreter start in every process that has REVATI_EMULATE and RANK set, so serving code that spawns its
+workers is emulated too. Each rank writes its figures to REVATI_RESULTS/rank-R.json when it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from replayer import timewarp
+
+SITE_DIR = Path(__file__).parent / "site"
+_real_perf_counter = time.perf_counter  # bound before the emulator virtualizes `time`
+ENV_FLAG = "REVATI_EMULATE"
+
+
+@dataclass
+class RankResult:
+    """What one emulated rank reported at exit."""
+
+    rank: int
+    virtual_seconds: float
+    collectives: int
+    waited: float  # real seconds blocked on other ranks
+    ops: int
+    peak_memory: int
+    wall_seconds: float = 0.0  # real time from the rank's emulator starting to its exit
+    exit_code: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_torchrun(argv: list[str]) -> bool:
+    """`torchrun ...` or `python -m torch.distributed.run ...`."""
+    if not argv:
+        return False
+    if Path(argv[0]).name == "torchrun":
+        return True
+    return (
+        len(argv) > 2 and argv[1] == "-m" and argv[2] in ("torch.distributed.run", "torch.distributed.launch")
+    )
+
+
+def launch(
+    argv: list[str],
+    ranks: int,
+    gpu: str,
+    host_time: str,
+    results: Path,
+    coordinate: bool = True,
+    gpus_per_node: int = 8,
+    price: bool = True,
+) -> tuple[int, list[RankResult]]:
+    """Run `argv` as `ranks` emulated ranks (or as a torchrun command that starts them); returns the worst
+    exit code and each rank's figures."""
+    import torch.distributed as dist
+
+    results.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        {
+            ENV_FLAG: "1",
+            "REVATI_GPU": gpu,
+            "REVATI_HOST_TIME": host_time,
+            "REVATI_RESULTS": str(results),
+            "REVATI_COORDINATE": "1" if coordinate else "0",
+            "REVATI_PRICE_COLLECTIVES": "1" if price else "0",
+            "REVATI_GPUS_PER_NODE": str(gpus_per_node),
+            timewarp.BASES_ENV: json.dumps(timewarp.clock_bases()),  # one time.time() for every rank
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE_DIR), env.get("PYTHONPATH")])),
+        }
+    )
+    if is_torchrun(argv):
+        env.pop("RANK", None)  # torchrun's agent is not a rank; it sets RANK for the processes it starts
+        code = subprocess.call(argv, env=env)
+        return code, collect(results)
+    port = _free_port()
+    # The store lives here, like torchrun's agent store: a rank that exits early does not take it along.
+    store = dist.TCPStore(
+        "127.0.0.1", port, ranks, is_master=True, wait_for_workers=False, timeout=timedelta(hours=1)
+    )
+    env.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(ranks),
+            "LOCAL_WORLD_SIZE": str(min(ranks, gpus_per_node)),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+        }
+    )
+    procs = []
+    for r in range(ranks):
+        child = {
+            **env,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r % gpus_per_node),
+            "GROUP_RANK": str(r // gpus_per_node),
+        }
+        procs.append(subprocess.Popen(_python(argv), env=child))
+    codes = [p.wait() for p in procs]
+    del store
+    found = collect(results)
+    for row in found:
+        row.exit_code = codes[row.rank] if row.rank < len(codes) else 0
+    return max(codes, key=abs), found
+
+
+def _python(argv: list[str]) -> list[str]:
+    """The command for one rank: this interpreter for a script, a module, or a bare `python`."""
+    if argv and (argv[0].endswith(".py") or argv[0] == "-m"):
+        return [sys.executable, *argv]
+    if argv and argv[0] in ("python", "python3"):
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def collect(results: Path) -> list[RankResult]:
+    """The figures the ranks wrote, in rank order."""
+    rows = []
+    for path in sorted(results.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        rows.append(RankResult(**json.loads(path.read_text())))
+    return rows
+
+
+# -- inside a rank -----------------------------------------------------------------------------------
+
+
+def activate_from_env() -> None:
+    """Emulate this process as the rank its environment names (called from sitecustomize)."""
+    from replayer import distributed
+    from replayer.session import Emulator
+    from revati.cost import Roofline
+    from revati.hardware import gpu
+
+    rank = int(os.environ["RANK"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    spec = gpu(os.environ.get("REVATI_GPU", "h100"))
+    distributed.set_topology(
+        distributed.Topology(
+            world_size=world,
+            symmetric=False,
+            gpus_per_node=int(os.environ.get("REVATI_GPUS_PER_NODE", "8")),
+            coordinate=os.environ.get("REVATI_COORDINATE", "1") == "1",
+            price=os.environ.get("REVATI_PRICE_COLLECTIVES", "1") == "1",
+        )
+    )
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    emu = Emulator(
+        spec,
+        Roofline(spec),
+        host_time=os.environ.get("REVATI_HOST_TIME", "deterministic"),
+        ops="none",
+        device_count=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        device_index=local,
+    )
+    emu.activate()
+    started = _real_perf_counter()
+    results = os.environ.get("REVATI_RESULTS")
+
+    def report() -> None:
+        import torch
+
+        topo = distributed.topology()
+        try:
+            torch.cuda.synchronize()  # the rank's last work, and the collectives it waits for
+        except Exception:  # noqa: BLE001 - a rank that failed still reports what it had
+            pass
+        row = {
+            "rank": rank,
+            "virtual_seconds": emu.clock.now,
+            "collectives": topo.collectives,
+            "waited": topo.waited,
+            "ops": emu.dispatcher.ops,
+            "peak_memory": emu.allocator.peak,
+            "wall_seconds": _real_perf_counter() - started,
+        }
+        emu.deactivate()
+        if results:
+            path = Path(results) / f"rank-{rank}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row))
+            tmp.replace(path)
+
+    atexit.register(report)
