@@ -332,11 +332,15 @@ class Clock:
         """The host waits for a stream's work: H = max(H, S_s)."""
         self.advance_to(self.stream_time(stream))
 
-    def sync_all(self) -> None:
+    def device_time(self) -> float:
+        """When the work on every stream so far ends."""
         with self._cv:
             for stream in list(self.pending):
                 self._stream_time(stream)
-        self.advance_to(max(self.streams.values()))
+            return max(self.streams.values())
+
+    def sync_all(self) -> None:
+        self.advance_to(self.device_time())
 
     def stream_wait(self, waiter: int, until: float) -> None:
         """Stream `waiter` starts no later work before device time `until` (event wait)."""

@@ -20,6 +20,7 @@ the count times the group size; in processes mode the values are exchanged throu
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -106,6 +107,8 @@ class Coordinator:
         self.values: dict[int, list] = {}  # each rank's values at collective k, where they were sent
         self._low = 0  # every collective below has its end worked out
         self._unsent: list[tuple[str, str]] = []  # announcements not in the store yet (see `_flush`)
+        self._lock = threading.Lock()  # engines issue collectives from more than one thread
+        _COORDINATORS.append(self)
 
     def arrive(
         self, what: str, duration: float, arrival: float, value: torch.Tensor | None = None,
@@ -113,21 +116,23 @@ class Coordinator:
     ) -> int:  # fmt: skip
         """Announce this rank's arrival at its next collective, at `arrival` — or, with `after`, at
         max(end(after) + a, arrival) — without waiting; returns the collective's number."""
-        k = self.seq
-        self.seq += 1
-        self.whats[k], self.durations[k] = what, duration
         form = f"{after}:{a!r}:{arrival!r}" if after >= 0 else repr(arrival)
-        self._unsent.append((f"c/{k}/{self.rank}", _payload(what, form, value)))
-        if len(self._unsent) >= _BATCH:
+        with self._lock:
+            k = self.seq
+            self.seq += 1
+            self.whats[k], self.durations[k] = what, duration
+            self._unsent.append((f"c/{k}/{self.rank}", _payload(what, form, value)))
+            full = len(self._unsent) >= _BATCH
+        if full:
             self._flush()
         return k
 
     def _flush(self) -> None:
-        """Send the announcements held back: one round trip for many collectives. Before any wait, so that
-        a rank never waits while others wait for what it holds."""
-        if self._unsent:
-            keys, values = zip(*self._unsent, strict=True)
-            self._unsent = []
+        """Send the announcements held back: one round trip for many collectives."""
+        with self._lock:
+            unsent, self._unsent = self._unsent, []
+        if unsent:
+            keys, values = zip(*unsent, strict=True)
             self.store.multi_set(list(keys), list(values))
 
     def end(self, k: int) -> float:
@@ -138,9 +143,9 @@ class Coordinator:
         return self.ends[k]
 
     def meet(self, k: int) -> list:
-        """Every rank's values at collective k, in rank order (None where a rank sent none)."""
+        """Every rank's values at collective k, in rank order (None where a rank sent none); once."""
         self.end(k)
-        return self.values.get(k, [None] * self.size)
+        return self.values.pop(k, [None] * self.size)
 
     def _resolve(self, upto: int) -> None:
         todo = [j for j in range(self._low, upto + 1) if j not in self.ends]
@@ -152,13 +157,14 @@ class Coordinator:
             rows = [_parse(raw) for raw in raws[i * n : (i + 1) * n]]
             arrivals = []
             for r, (other, form, _) in enumerate(rows):
-                if other != self.whats[j]:
+                if not _same_call(other, self.whats[j]):
                     raise CollectiveError(
                         f"ranks disagree at collective #{j} of group {self.name}: rank {self.rank} calls "
                         f"{self.whats[j]}, rank {r} calls {other} (did a rank skip or add a collective?)"
                     )
                 arrivals.append(self._arrival(form))
             self.ends[j] = max(arrivals) + self.durations.pop(j)
+            self.whats.pop(j)
             if any(v is not None for _, _, v in rows):
                 self.values[j] = [v for _, _, v in rows]
         while self._low in self.ends:
@@ -211,7 +217,8 @@ class Coordinator:
         return k
 
     def _wait(self, keys: list[str]) -> None:
-        self._flush()
+        for coord in _COORDINATORS:  # every group's: a rank never waits while others wait for what it holds
+            coord._flush()
         topo = topology()
         started = _real_monotonic()
         try:
@@ -249,6 +256,15 @@ class Coordinator:
             k = int(parts[1])
             return f"collective #{k} ({self.whats.get(k, '?')})"
         return f"send / receive {key.removesuffix('/r')}"
+
+
+_COORDINATORS: list[Coordinator] = []
+
+
+def _same_call(a: str, b: str) -> bool:
+    """Two ranks' descriptions of one collective agree: same kind and size (an all-to-all's sizes may
+    differ by rank)."""
+    return a == b or (a.startswith("all_to_all ") and b.startswith("all_to_all "))
 
 
 def _rank_of(key: str) -> int:
@@ -301,7 +317,8 @@ class _Call:
     inputs: list
     outputs: list
     combine: object  # (inputs' values over ranks, in rank order) -> outputs' values, or None
-    nbytes: float = 0.0
+    nbytes: float = 0.0  # set where ranks' own tensors differ in size (gather, scatter)
+    blocking: bool = False  # the host waits for it (a barrier)
 
 
 class VirtualGroup(dist.ProcessGroup):
@@ -399,7 +416,8 @@ class VirtualGroup(dist.ProcessGroup):
     def gather(self, output_lists, inputs, opts=None):
         root = getattr(opts, "rootRank", 0)
         outs = [t for lst in output_lists for t in lst] if self._rank == root else []
-        return self._run(_Call("revati::gather", inputs, outs, _gather_lists(len(inputs))))
+        agreed = self._size * _nbytes(inputs)  # what the root receives: the same figure on every rank
+        return self._run(_Call("revati::gather", inputs, outs, _gather_lists(len(inputs)), nbytes=agreed))
 
     def scatter(self, outputs, input_lists, opts=None):
         root = getattr(opts, "rootRank", 0)
@@ -408,10 +426,11 @@ class VirtualGroup(dist.ProcessGroup):
             return [values[root][self._rank]] if values[root] else None
 
         ins = [t for lst in input_lists for t in lst]
-        return self._run(_Call("revati::scatter", ins, outputs, combine))
+        agreed = self._size * _nbytes(outputs)  # what the root sends: the same figure on every rank
+        return self._run(_Call("revati::scatter", ins, outputs, combine, nbytes=agreed))
 
     def barrier(self, opts=None):
-        return self._run(_Call("revati::reduce", [], [], lambda values: None, nbytes=4.0))
+        return self._run(_Call("revati::reduce", [], [], lambda values: None, nbytes=4.0, blocking=True))
 
     def send(self, tensors, dst, tag=0):
         return self._p2p(tensors, dst, sender=True)
@@ -451,10 +470,14 @@ class VirtualGroup(dist.ProcessGroup):
             # graph, replays repeat its captured time)
             emu.collective_launched(call.key, features, duration, host, clock.launch(duration, host))
             _apply_values(call, [_values(call.inputs)] * n if _valued(call.inputs) else None)
+            if call.blocking:
+                clock.sync_stream(clock.current_stream())
             return _done_work(call.outputs)
         coord = self._coordinator()
         stream = clock.current_stream()
         issued = clock.now
+        # values cross only where this rank sends some and every tensor is small (a scatter's receivers,
+        # which send none, get none: their outputs' contents become unknown)
         eager = _valued(call.inputs) and all(value_allowed(t.dtype, t.numel()) for t in call.inputs)
         behind, a, start = clock.start_form(stream)
         source = getattr(behind, "source", None)
@@ -473,6 +496,8 @@ class VirtualGroup(dist.ProcessGroup):
         clock.end_collective(stream, end, host)
         logged = start if behind is None else (behind, a, start)
         emu.collective_launched(call.key, features, duration, host, (issued, logged, stream))
+        if call.blocking:
+            clock.sync_stream(stream)
         return _done_work(call.outputs)
 
     def _price(self, emu, key: str, nbytes: float, dtype) -> tuple:
@@ -499,7 +524,7 @@ class VirtualGroup(dist.ProcessGroup):
             return _done_work(call.outputs)
         coord = self._coordinator()
         what = f"host {call.key.removeprefix('revati::')} {int(nbytes)}B"
-        k = coord.arrive(what, cost, clock.read(), _flat(mine))
+        k = coord.arrive(what, cost, clock.now, _flat(mine))
         clock.advance_to(coord.end(k))
         _apply_values(call, [_unflat(v, call.inputs) for v in coord.meet(k)])
         return _done_work(call.outputs)
@@ -644,6 +669,8 @@ def _apply_values(call: _Call, per_rank: list | None) -> None:
             if isinstance(t, torch.Tensor) and value is not None:
                 t.copy_(value.reshape(t.shape))  # a host tensor holds real data
             continue
+        if value is not None and value.numel() == t.numel():
+            value = value.reshape(t.shape)  # gathers and reductions combine flat
         if value is not None and t._value is not None and t._value.shape == value.shape:
             t._value.copy_(value)
             t._vstorage.value = True
@@ -727,6 +754,10 @@ def _exchange(rank: int):
     return lambda values: [values[src][rank] for src in range(len(values))]
 
 
+def _nbytes(tensors) -> float:
+    return float(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
 def _full_side(call: _Call) -> float:
     ins = sum(t.numel() * t.element_size() for t in call.inputs if isinstance(t, torch.Tensor))
     if call.outputs is call.inputs:  # in place (all-reduce, broadcast)
@@ -743,7 +774,7 @@ _GROUPS: list = []
 _TAKEN_OVER = ("nccl", "gloo")
 
 
-def install(emu, patch) -> None:
+def install(patch) -> None:
     """Under emulation, `nccl` and `gloo` (and the default backend for `cuda`) mean the `revati` backend."""
     if BACKEND.upper() not in dist.Backend._plugins:
         dist.Backend.register_backend(BACKEND, _creator, devices=["cuda", "cpu"])
@@ -768,8 +799,9 @@ def install(emu, patch) -> None:
         backend=None, init_method=None, timeout=None, world_size=-1, rank=-1, store=None, **kwargs
     ):
         topo = topology()
-        if topo.symmetric and store is None and init_method in (None, "env://"):
-            # One process stands for every rank: no rendezvous, nobody to wait for.
+        if topo.symmetric and store is None:
+            # One process stands for every rank: no rendezvous (env://, tcp://, file://), nobody to wait for.
+            init_method = None
             store, rank, world_size = dist.HashStore(), 0, topo.world_size if world_size < 0 else world_size
         return real_init(backend, init_method, timeout, world_size, rank, store, **kwargs)
 

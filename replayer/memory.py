@@ -66,11 +66,15 @@ class Allocator:
             self.reset_peak()
             self.reserved = self.allocated
 
-    def check(self) -> None:
+    def check(self, what: str = "what is allocated") -> None:
         """Raise `torch.cuda.OutOfMemoryError` if what is allocated exceeds the GPU (after `unbounded`)."""
         if self.allocated > self._usable:
             self.num_ooms += 1
-            raise torch.cuda.OutOfMemoryError(self._oom_message(0))
+            gib = 2**30
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory: {what} takes {self.allocated / gib:.2f} GiB of a virtual "
+                f"{self.device_name} with {self._usable / gib:.2f} GiB usable"
+            )
 
     def reset_peak(self) -> None:
         with self._lock:

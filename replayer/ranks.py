@@ -25,6 +25,8 @@ from replayer import timewarp
 
 SITE_DIR = Path(__file__).parent / "site"
 _real_perf_counter = time.perf_counter  # bound before the emulator virtualizes `time`
+_real_monotonic = time.monotonic
+OWNER_ENV = "REVATI_RANK_PROCESS"  # the pid of the process that is the rank (its helpers only emulate)
 ENV_FLAG = "REVATI_EMULATE"
 
 
@@ -115,12 +117,30 @@ def launch(
             "GROUP_RANK": str(r // gpus_per_node),
         }
         procs.append(subprocess.Popen(_python(argv), env=child))
-    codes = [p.wait() for p in procs]
+    codes = _wait_all(procs)
     del store
     found = collect(results)
     for row in found:
         row.exit_code = codes[row.rank] if row.rank < len(codes) else 0
     return max(codes, key=abs), found
+
+
+def _wait_all(procs: list[subprocess.Popen], grace: float = 30.0) -> list[int]:
+    """Exit codes of the ranks. As torchrun does, once one rank fails the others get `grace` seconds (to
+    report the collective they were left waiting at) and are then stopped, rather than waiting forever."""
+    failed_at = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = _real_monotonic()
+        if failed_at is not None and _real_monotonic() - failed_at > grace:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            return [p.wait() for p in procs]
+        time.sleep(0.1)
 
 
 def _python(argv: list[str]) -> list[str]:
@@ -173,7 +193,9 @@ def activate_from_env() -> None:
     )
     emu.activate()
     started = _real_perf_counter()
-    results = os.environ.get("REVATI_RESULTS")
+    # Python processes the rank starts inherit its environment and are emulated too; only the rank reports.
+    owner = os.environ.setdefault(OWNER_ENV, str(os.getpid())) == str(os.getpid())
+    results = os.environ.get("REVATI_RESULTS") if owner else None
 
     def report() -> None:
         import torch

@@ -185,6 +185,7 @@ def _tp_world(tp: int, spec: GpuSpec, init: bool):
     import torch.distributed as dist
 
     # kept: the overhead benchmark's switches (price, coordinate); counters start over
+    before = distributed.topology()
     distributed.set_topology(
         replace(
             distributed.topology(), world_size=tp, symmetric=True, gpus_per_node=spec.gpus_per_node,
@@ -203,7 +204,7 @@ def _tp_world(tp: int, spec: GpuSpec, init: bool):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        distributed.set_topology(distributed.Topology())
+        distributed.set_topology(before)
 
 
 def _build(emu: Emulator, model_config, dtype: torch.dtype, tp: int):
@@ -215,7 +216,7 @@ def _build(emu: Emulator, model_config, dtype: torch.dtype, tp: int):
         return build_model(model_config, "cuda", dtype)
     with emu.allocator.unbounded():
         model = build_model(model_config, "cuda", dtype, tp=tp)
-    emu.allocator.check()
+    emu.allocator.check(f"one rank's shard of the weights at tensor parallelism {tp}")
     return model
 
 

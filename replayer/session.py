@@ -145,7 +145,7 @@ class Emulator:
         else:
             tensor.set_dispatch(self.dispatcher.dispatch, self.dispatcher.torch_dispatch)
         _cuda.install(self, self._patch)
-        distributed.install(self, self._patch)
+        distributed.install(self._patch)
         _install_entry_points(self, self._patch)
         timewarp.install(self, self._patch)
         self.active = True
@@ -273,7 +273,8 @@ class Emulator:
             return
         clock = self.clock
         row["host_end"] = clock.read()
-        row["device_end"] = max(clock.stream_time(clock.current_stream()), row["device_start"])
+        # the step's work may run on streams other than the calling thread's (hf-cb computes on its own)
+        row["device_end"] = max(clock.device_time(), row["device_start"])
         self.iterations.append(row)
         self._last_step_end = row["host_end"]
         self.wake = 1.0

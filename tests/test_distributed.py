@@ -91,6 +91,21 @@ def test_symmetric_collectives_keep_shadow_values(symmetric):
         assert m.item() == 5
 
 
+def test_a_barrier_blocks_the_host_and_gathers_keep_their_shape(symmetric):
+    import torch.distributed as dist
+
+    with _roofline_emulator() as emu:
+        dist.init_process_group("nccl")
+        w = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        w @ w  # queued: the host is far ahead of the stream
+        assert emu.clock.now < emu.clock.stream_time(0)
+        dist.barrier()
+        assert emu.clock.now >= emu.clock.stream_time(0)
+        out = torch.empty(8, 2, dtype=torch.int64, device="cuda")
+        dist.all_gather_into_tensor(out, torch.tensor([[1, 2], [3, 4]], device="cuda"))
+        assert out.tolist() == [[1, 2], [3, 4]] * 4
+
+
 def test_functional_collectives_reach_the_process_group(symmetric):
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
@@ -218,6 +233,14 @@ def test_tp_times_pp_processes_from_the_command_line(tmp_path):
     ends = [json.loads((tmp_path / f"mlp-{r}.json").read_text())["end"] for r in range(4)]
     assert len(set(ends)) == 1
     assert "4 ranks on virtual NVIDIA H100" in proc.stderr
+
+
+def test_device_and_host_groups_interleaved_across_processes(tmp_path):
+    code, _, seen = _launch("mixed", 3, tmp_path)
+    assert code == 0
+    for s in seen.values():
+        assert s["schedules"] == [[0, 0], [1, 0], [2, 0]]  # rank 0's schedule reached every rank
+    assert len({s["after_barrier"] for s in seen.values()}) == 1
 
 
 def test_symmetric_and_multi_process_modes_agree_on_a_tp_workload(tmp_path):
