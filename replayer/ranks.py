@@ -92,6 +92,8 @@ def launch(
     )
     if is_torchrun(argv):
         env.pop("RANK", None)  # torchrun's agent is not a rank; it sets RANK for the processes it starts
+        if Path(argv[0]).name == "torchrun":  # this interpreter's torchrun, whether or not it is on PATH
+            argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
         code = subprocess.call(argv, env=env)
         return code, collect(results)
     port = _free_port()

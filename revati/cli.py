@@ -910,7 +910,10 @@ def _emulate_ranks(argv: list[str], spec, host_time: str, ranks: int) -> None:
     if not is_torchrun(argv):
         _check_script(argv)
     with tempfile.TemporaryDirectory(prefix="revati-ranks-") as tmp:
-        code, rows = launch(argv, ranks, spec.key, host_time, Path(tmp), gpus_per_node=spec.gpus_per_node)
+        try:
+            code, rows = launch(argv, ranks, spec.key, host_time, Path(tmp), gpus_per_node=spec.gpus_per_node)
+        except FileNotFoundError as e:
+            raise BadInput(f"cannot start {argv[0]!r}: {e.strerror}") from None
     table = Table(title=f"{len(rows)} ranks on virtual {spec.name}s", title_justify="left")
     for col in ("rank", "virtual s", "collectives", "waited (real s)", "ops", "peak GiB"):
         table.add_column(col, justify="right")

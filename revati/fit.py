@@ -682,6 +682,7 @@ def _fit_group(
         return None
     score, form, names, X = best
     coef = _solve(form, X, y, n)
+    names, coef = _per_head(key, form, names, coef, feats)
     raw = _design(feats, names, "linear")  # the features as seen, for the ranges
     return OpModel(
         target="device",
@@ -697,6 +698,21 @@ def _fit_group(
         range_min=tuple(float(v) for v in raw.min(axis=0)),
         range_max=tuple(float(v) for v in raw.max(axis=0)),
     )
+
+
+def _per_head(key: str, form: str, names: tuple, coef: np.ndarray, feats: list[Features]):
+    """An attention power law fitted where the head count never varied (one model recorded) cannot see it;
+    attention's work is proportional to it, so the law takes heads to the power one, anchored where
+    recorded: the same predictions on what was measured, and tensor-parallel shards (fewer heads per GPU)
+    priced for the heads they hold."""
+    if op_family(key) != "attention" or form != "power" or "heads" in names:
+        return names, coef
+    heads = {f.get("heads") for f in feats}
+    if len(heads) != 1 or not (h := heads.pop()) or h <= 1:
+        return names, coef
+    coef = np.append(coef, 1.0)
+    coef[0] -= math.log(h)
+    return (*names, "heads"), coef
 
 
 def _tables(key: str, dtype: str, feats: list[Features], y: np.ndarray, n: np.ndarray) -> list[OpModel]:

@@ -317,56 +317,28 @@ def test_torchrun_with_transformers_tp_under_emulation(tmp_path):
 # -- fitted collectives ----------------------------------------------------------------------------
 
 
-def test_recorded_collectives_replace_the_roofline_once_fitted(tmp_path):
+def test_recorded_collectives_replace_the_roofline_once_fitted(tmp_path, recorded_trace):
     """A profile fitted on a trace with all-reduces predicts them from the fit, not from ring / tree."""
     import numpy as np
 
     from revati.fit import fit
-    from revati.schema import TraceWriter
 
     def law(nbytes):  # a slower fabric than the datasheet: 25 µs + 100 GB/s
         return 25e-6 + nbytes / 100e9
 
     rng = np.random.default_rng(0)
-    with TraceWriter(tmp_path / "rec", run_id="tp8-allreduce") as w:
-        w.write_run(
-            {
-                "source": "recorded", "complete": True, "device_kind": "h100", "device_name": H100.name,
-                "sm_count": 132, "memory_bytes": H100.memory_bytes, "torch_version": torch.__version__,
-                "engine": "test", "model": "test", "model_config": "{}", "tp": 8, "pp": 1, "workload": "test",
-                "extra": "{}",
-            }
+    steps = []
+    for _ in range(30):
+        sizes = [int(rng.choice([2**14, 2**17, 2**20, 2**23])) for _ in range(8)]
+        steps.append(
+            [
+                ("revati::all_reduce", [[n // 2]], ["bfloat16"],
+                 json.dumps({"bytes": float(n), "group_size": 8.0, "nodes": 1.0}),
+                 law(n) * (1 + 0.02 * rng.standard_normal()))
+                for n in sizes
+            ]
         )  # fmt: skip
-        t, op_id = 0.0, 0
-        for step in range(30):
-            start = t
-            for _ in range(8):
-                n = int(rng.choice([2**14, 2**17, 2**20, 2**23]))
-                d = law(n) * (1 + 0.02 * rng.standard_normal())
-                features = json.dumps({"bytes": float(n), "group_size": 8.0, "nodes": 1.0})
-                w.append_row(
-                    "ops",
-                    {
-                        "rank": 0, "op_id": op_id, "name": "revati::all_reduce", "input_shapes": [[n // 2]],
-                        "dtypes": ["bfloat16"], "scalars": features, "stream": 0, "host_start": t,
-                        "host_duration": 5e-6, "device_start": t, "device_duration": d, "iteration_id": step,
-                    },
-                )  # fmt: skip
-                op_id += 1
-                t += d + 5e-6
-            w.append_row(
-                "requests",
-                {"request_id": str(step), "arrival": start, "prompt_tokens": 1, "output_tokens": 1,
-                 "first_token": t, "completion": t, "token_times": [t]},
-            )  # fmt: skip
-            w.append_row(
-                "iterations",
-                {
-                    "rank": 0, "iteration_id": step, "phase": "decode", "batch_size": 1, "tokens": 1,
-                    "kv_tokens": 1, "host_start": start, "host_end": t, "device_start": start,
-                    "device_end": t,
-                },
-            )  # fmt: skip
+    recorded_trace(tmp_path / "rec", steps, tp=8)
     profile = fit([tmp_path / "rec"], holdout=0.0).profile
     roofline = Roofline(H100)
     for n in (2**16, 2**22):

@@ -437,3 +437,33 @@ def test_emulated_ops_outside_what_the_profile_saw_are_flagged(tmp_path):
     assert flagged["aten::mm"] is False  # the same model's matmuls were recorded: within the range seen
     # a prompt of 64 tokens in one batch of 2 is a shape the recording never ran: some ops leave its range
     assert 0 < sum(ops["extrapolated"]) < len(ops["extrapolated"])
+
+
+def test_attention_recorded_with_one_head_count_scales_with_the_heads_a_shard_holds(tmp_path, recorded_trace):
+    """One model recorded (32 heads): a tensor-parallel shard's 8 heads take a quarter of the time."""
+    rng = np.random.default_rng(1)
+
+    def law(batch, q, kv, heads):  # sublinear in the lengths, as decode-heavy recordings fit: a power law
+        return 2e-8 * batch**0.5 * q**0.4 * kv**0.6 * heads
+
+    steps = []
+    for _ in range(40):
+        ops = []
+        for _ in range(6):
+            b, q = int(rng.choice([1, 4, 16])), int(rng.choice([1, 64, 512]))
+            kv = max(int(rng.choice([512, 2048])), q)
+            shapes = [[b, 32, q, 128], [b, 8, kv, 128], [b, 8, kv, 128]]
+            d = law(b, q, kv, 32) * (1 + 0.02 * rng.standard_normal())
+            ops.append(("revati::attention", shapes, ["bfloat16"] * 3, None, d))
+        steps.append(ops)
+    recorded_trace(tmp_path / "attn", steps)
+    profile = fit([tmp_path / "attn"], holdout=0.0).profile
+
+    def features(heads):
+        shape = {"batch": 4.0, "heads": float(heads), "kv_heads": heads / 4, "q_len": 256.0, "kv_len": 1024.0}
+        return shape | {"head_dim": 128.0, "causal": 1.0, "flops": 4.0 * 4 * 256 * 1024 * 128 * heads / 2}
+
+    whole = profile.device_time("revati::attention", features(32), torch.bfloat16)
+    shard = profile.device_time("revati::attention", features(8), torch.bfloat16)
+    assert whole == pytest.approx(law(4, 256, 1024, 32), rel=0.05)
+    assert shard == pytest.approx(law(4, 256, 1024, 8), rel=0.05)
