@@ -286,6 +286,7 @@ class Clock:
 
     def advance_stream(self, stream: int, duration: float) -> float:
         """Append `duration` of work to a stream (a graph replay); returns its start."""
+        self._settle((stream,))
         with self._cv:
             start = max(self._stream_time(stream), self.now + self.launch_latency)
             self.streams[stream] = start + duration
@@ -293,8 +294,23 @@ class Clock:
 
     def stream_time(self, stream: int) -> float:
         """When a stream's work so far ends (other ranks are asked if a collective on it waits for them)."""
+        self._settle((stream,))
         with self._cv:
             return self._stream_time(stream)
+
+    def _settle(self, streams) -> None:
+        """Ask other ranks for the times pending on these streams, without holding the clock's lock (the
+        rank's other threads keep going meanwhile); in wall mode the wait is not the serving code's time."""
+        if not self.pending:
+            return
+        for stream in streams:
+            p = self.pending.get(stream)
+            if p is not None and p.m is None:
+                started = _real_monotonic()
+                p.m = p.resolve()
+                if self.wall:
+                    me = self._me()
+                    me.last_exit += _real_monotonic() - started
 
     def _stream_time(self, stream: int) -> float:
         if self.pending:
@@ -315,6 +331,7 @@ class Clock:
 
     def start_time(self, stream: int) -> float:
         """When work launched now on `stream` would start: max(S_s, H + launch latency)."""
+        self._settle((stream,))
         with self._cv:
             return max(self._stream_time(stream), self.now + self.launch_latency)
 
@@ -334,6 +351,7 @@ class Clock:
 
     def device_time(self) -> float:
         """When the work on every stream so far ends."""
+        self._settle(list(self.pending))
         with self._cv:
             for stream in list(self.pending):
                 self._stream_time(stream)
@@ -344,6 +362,7 @@ class Clock:
 
     def stream_wait(self, waiter: int, until: float) -> None:
         """Stream `waiter` starts no later work before device time `until` (event wait)."""
+        self._settle((waiter,))
         with self._cv:
             self.streams[waiter] = max(self._stream_time(waiter), until)
 

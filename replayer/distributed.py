@@ -108,6 +108,7 @@ class Coordinator:
         self._low = 0  # every collective below has its end worked out
         self._unsent: list[tuple[str, str]] = []  # announcements not in the store yet (see `_flush`)
         self._lock = threading.Lock()  # engines issue collectives from more than one thread
+        self._resolving = threading.Lock()
         _COORDINATORS.append(self)
 
     def arrive(
@@ -138,9 +139,10 @@ class Coordinator:
     def end(self, k: int) -> float:
         """When collective k ends on every rank: the latest arrival plus its duration. Blocks until every
         rank has announced it (and the collectives before it)."""
-        if k not in self.ends:
-            self._resolve(k)
-        return self.ends[k]
+        with self._resolving:  # two threads may ask at once
+            if k not in self.ends:
+                self._resolve(k)
+            return self.ends[k]
 
     def meet(self, k: int) -> list:
         """Every rank's values at collective k, in rank order (None where a rank sent none); once."""
