@@ -29,13 +29,11 @@ import torch.distributed as dist
 
 from replayer.clock import Pending, _real_monotonic
 from replayer.tensor import VTensor, value_allowed
+from revati.cost import host_collective_time
 
 BACKEND = "revati"
 TIMEOUT_ENV = "REVATI_COLLECTIVE_TIMEOUT"  # seconds a rank waits for the others at one collective
 _DEFAULT_TIMEOUT = 300.0
-# gloo between processes of one node: tens of µs per message, a few GB/s (loopback TCP)
-_HOST_LATENCY = 30e-6
-_HOST_BANDWIDTH = 5e9
 _POLL = 5.0  # seconds between a waiting rank's checks whether the missing ones finished
 _BATCH = 64  # announcements a rank holds back at most before sending them in one round trip
 
@@ -456,7 +454,7 @@ class VirtualGroup(dist.ProcessGroup):
         return emu.outside(self._issue, emu, call)
 
     def _issue(self, emu, call: _Call) -> dist.Work:
-        topo = _TOPOLOGY
+        topo = topology()
         topo.collectives += 1
         n = self._size
         nbytes = call.nbytes or _full_side(call)
@@ -518,7 +516,7 @@ class VirtualGroup(dist.ProcessGroup):
         """A collective on host tensors (gloo's work): real values, host time only, no GPU stream."""
         n = self._size
         clock = emu.clock
-        cost = _HOST_LATENCY + nbytes / _HOST_BANDWIDTH if n > 1 else 0.0
+        cost = host_collective_time(nbytes, n)
         mine = _values(call.inputs)
         if topology().symmetric or not topology().coordinate or n == 1:
             clock.advance(cost)
@@ -607,11 +605,6 @@ class VirtualGroup(dist.ProcessGroup):
     def shutdown(self) -> None:
         if self.coordinator is not None:
             self.coordinator.finish()
-
-
-def create_group(store, rank: int, size: int, timeout) -> VirtualGroup:
-    """The `revati` backend's creator (torch.distributed.Backend.register_backend)."""
-    return VirtualGroup(store, rank, size)
 
 
 # -- values ------------------------------------------------------------------------------------------
@@ -824,6 +817,7 @@ def uninstall() -> None:
 
 
 def _creator(store, rank: int, size: int, timeout) -> VirtualGroup:
-    group = create_group(store, rank, size, timeout)
+    """The `revati` backend's creator (torch.distributed.Backend.register_backend)."""
+    group = VirtualGroup(store, rank, size)
     _GROUPS.append(group)
     return group

@@ -862,7 +862,7 @@ def _tp_label(plan: dict) -> str:
 
 
 def _check_tp(model_config, tp: int) -> None:
-    from revati.models import _check_tp as check
+    from revati.models import check_tp as check
 
     try:
         check(model_config, tp)

@@ -164,6 +164,12 @@ def collective_time(
     return min(ring, tree)
 
 
+def host_collective_time(nbytes: float, group_size: int) -> float:
+    """Seconds of a collective on host tensors (gloo between processes of a node): tens of µs per message
+    and a few GB/s over loopback TCP."""
+    return 30e-6 + nbytes / 5e9 if group_size > 1 else 0.0
+
+
 def kernel_floor(key: str) -> float:
     """Seconds of a kernel's time that no GPU's FLOP/s or bandwidth shortens (launch, tail, sync)."""
     return _FLOOR.get(op_family(key), _DEFAULT_FLOOR)

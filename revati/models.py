@@ -68,7 +68,7 @@ def build_model(
     """
     dtype = dtype or config.dtype or torch.float32
     if tp > 1:
-        _check_tp(config, tp)
+        check_tp(config, tp)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if tp > 1:
@@ -80,7 +80,8 @@ def build_model(
     return model.eval()
 
 
-def _check_tp(config: PretrainedConfig, tp: int) -> None:
+def check_tp(config: PretrainedConfig, tp: int) -> None:
+    """Raise ValueError unless `tp` divides the model's attention and key / value heads."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % tp or kv_heads % tp:
