@@ -558,12 +558,21 @@ def _fused_sdp_choice(d: Dispatcher, func, args, kwargs):
 
 _COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
 _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+_WAIT_TENSOR = getattr(getattr(torch.ops, "_c10d_functional", None), "wait_tensor", None)
+_WAIT_TENSOR = _WAIT_TENSOR.default if _WAIT_TENSOR is not None else None
 
 
 def _collective(d: Dispatcher, func, args, kwargs):
     """A c10d or functional collective on virtual tensors: its CUDA kernel hands it to the process group
     (the `revati` backend under emulation: replayer.distributed), which prices and coordinates it."""
-    return func.redispatch(_CUDA_KEYS, *args, **kwargs)
+    out = func.redispatch(_CUDA_KEYS, *args, **kwargs)
+    if func.namespace == "_c10d_functional" and func is not _WAIT_TENSOR:
+        # The virtual group's work is done when issued (its time is on the clock already): take it off
+        # torch's registry now, or every run ends with a warning about collectives nobody waited for.
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, _Tensor):
+                _WAIT_TENSOR.redispatch(_CUDA_KEYS, t)
+    return out
 
 
 def _generic(d: Dispatcher, func, args, kwargs):
