@@ -19,9 +19,10 @@ the count times the group size; in processes mode the values are exchanged throu
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -259,6 +260,17 @@ class Coordinator:
 
 
 _COORDINATORS: list[Coordinator] = []
+
+
+@dataclass
+class _Batch:
+    """Send / receive ops being issued together: their shared arrival, and what finishes each."""
+
+    arrival: float
+    finishes: list = field(default_factory=list)
+
+
+_P2P_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("revati_p2p_batch", default=None)
 
 
 def _same_call(a: str, b: str) -> bool:
@@ -553,29 +565,61 @@ class VirtualGroup(dist.ProcessGroup):
         what = f"{'send' if sender else 'recv'} {int(nbytes)}B"
         clock = emu.clock
         stream = clock.current_stream()
-        arrival = clock.start_time(stream)
+        batch = _P2P_BATCH.get()
+        arrival = batch.arrival if batch is not None else clock.start_time(stream)
         issued = clock.now
         coord = self._coordinator()
         if not topo.coordinate:
             end: float | Pending = arrival + duration
-        elif sender:
-            key = coord.send(peer, what, arrival, _flat(_values(tensors)) if _valued(tensors) else None)
-            end = Pending(lambda: max(arrival, coord.other_side(key, True, what)[0]) + duration, 0.0)
         else:
-            key = coord.recv(peer, what, arrival)
-            small = all(value_allowed(t.dtype, t.numel()) for t in tensors)
-            if small:  # the sender may carry values (token ids): take them now
-                theirs, value = coord.other_side(key, False, what)
-                end = max(arrival, theirs) + duration
-                _apply_values(
-                    _Call("", tensors, tensors, lambda values: values[0]), [_unflat(value, tensors)]
+            finish = self._post(coord, tensors, peer, sender, what, arrival, duration)
+            small = not sender and all(value_allowed(t.dtype, t.numel()) for t in tensors)
+            if batch is not None:  # the batch finishes once every op of it is posted
+                batch.finishes.append(finish)
+                clock.advance(host)
+                emu.collective_launched(
+                    "revati::send_recv", features, duration, host, (issued, arrival, stream)
                 )
-            else:
-                end = Pending(lambda: max(arrival, coord.other_side(key, False, what)[0]) + duration, 0.0)
-                _apply_values(_Call("", tensors, tensors, None), None)
+                return _done_work(tensors)
+            # a small receive may carry values (token ids): take them now; others wait until needed
+            end = finish() if small else Pending(finish, 0.0)
         clock.end_collective(stream, end, host)
         emu.collective_launched("revati::send_recv", features, duration, host, (issued, arrival, stream))
         return _done_work(tensors)
+
+    def _post(self, coord, tensors, peer: int, sender: bool, what: str, arrival: float, duration: float):
+        """Post one side of a send / receive; returns what finishes it: () -> its end (values applied)."""
+        if sender:
+            key = coord.send(peer, what, arrival, _flat(_values(tensors)) if _valued(tensors) else None)
+            return lambda: max(arrival, coord.other_side(key, True, what)[0]) + duration
+        key = coord.recv(peer, what, arrival)
+        for t in tensors:  # contents unknown until the sender's are in
+            if type(t) is VTensor:
+                t._vstorage.value = None
+
+        def finish() -> float:
+            theirs, value = coord.other_side(key, False, what)
+            _apply_values(_Call("", tensors, tensors, lambda values: values[0]), [_unflat(value, tensors)])
+            return max(arrival, theirs) + duration
+
+        return finish
+
+    def run_batch(self, emu, issue) -> list:
+        """Send / receive ops issued together (`batch_isend_irecv`): all posted at one arrival, then
+        finished, as NCCL runs a batch at once: two ranks that each receive before they send do not wait on
+        each other."""
+        clock = emu.clock
+        stream = clock.current_stream()
+        batch = _Batch(clock.start_time(stream))
+        token = _P2P_BATCH.set(batch)
+        try:
+            works = issue()
+        finally:
+            _P2P_BATCH.reset(token)
+        if batch.finishes:  # waiting for the peers is the emulator's time, not the serving code's
+            end = emu.outside(lambda: max(finish() for finish in batch.finishes))
+            clock.end_collective(stream, end, 0.0)
+        return works
 
     def _coordinator(self) -> Coordinator:
         if self.coordinator is None:
@@ -802,6 +846,20 @@ def install(patch) -> None:
 
     patch.set(dist, "init_process_group", init_process_group)
     patch.set(dist.distributed_c10d, "init_process_group", init_process_group)
+    real_batch = dist.batch_isend_irecv
+
+    def batch_isend_irecv(p2p_op_list):
+        group = p2p_op_list[0].group if p2p_op_list else None
+        group = group if group is not None else dist.distributed_c10d._get_default_group()
+        if not isinstance(group, VirtualGroup) or topology().symmetric:
+            return real_batch(p2p_op_list)
+        from replayer.session import current
+
+        emu = current()
+        return group.run_batch(emu, lambda: real_batch(p2p_op_list))
+
+    patch.set(dist, "batch_isend_irecv", batch_isend_irecv)
+    patch.set(dist.distributed_c10d, "batch_isend_irecv", batch_isend_irecv)
 
 
 def uninstall() -> None:

@@ -213,6 +213,12 @@ def _ranks_cli(mode: str, tmp_path: Path, *flags: str, timeout: str = "60"):
     )  # fmt: skip
 
 
+def test_batched_receives_listed_before_sends_do_not_deadlock(tmp_path):
+    code, _, seen = _launch("exchange", 3, tmp_path, timeout=60)
+    assert code == 0
+    assert [seen[r]["got"] for r in range(3)] == [102, 100, 101]  # each from its left neighbour
+
+
 def test_a_rank_that_skips_an_all_reduce_is_named_not_a_hang(tmp_path):
     proc = _ranks_cli("skip", tmp_path, "--pp", "4")
     assert proc.returncode != 0
