@@ -558,7 +558,7 @@ class VirtualGroup(dist.ProcessGroup):
     def _issue_p2p(self, emu, tensors, peer: int, sender: bool) -> dist.Work:
         topo = topology()
         topo.collectives += 1
-        nbytes = float(sum(t.numel() * t.element_size() for t in tensors))
+        nbytes = _nbytes(tensors)
         features = {"bytes": nbytes, "group_size": 2.0, "nodes": float(self._span([self._rank, peer]))}
         duration = emu.cost.device_time("revati::send_recv", features, tensors[0].dtype if tensors else None)
         host = emu.cost.host_time("revati::send_recv")
@@ -798,11 +798,8 @@ def _nbytes(tensors) -> float:
 
 
 def _full_side(call: _Call) -> float:
-    ins = sum(t.numel() * t.element_size() for t in call.inputs if isinstance(t, torch.Tensor))
-    if call.outputs is call.inputs:  # in place (all-reduce, broadcast)
-        return float(ins)
-    outs = sum(t.numel() * t.element_size() for t in call.outputs if isinstance(t, torch.Tensor))
-    return float(max(ins, outs))
+    ins = _nbytes(call.inputs)
+    return ins if call.outputs is call.inputs else max(ins, _nbytes(call.outputs))  # in place: one side
 
 
 # -- activation --------------------------------------------------------------------------------------

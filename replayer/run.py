@@ -188,7 +188,7 @@ def _tp_world(tp: int, spec: GpuSpec, init: bool):
     before = distributed.topology()
     distributed.set_topology(
         replace(
-            distributed.topology(), world_size=tp, symmetric=True, gpus_per_node=spec.gpus_per_node,
+            before, world_size=tp, symmetric=True, gpus_per_node=spec.gpus_per_node,
             collectives=0, waited=0.0,
         )
     )  # fmt: skip

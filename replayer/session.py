@@ -162,20 +162,11 @@ class Emulator:
 
     def dispatch(self, func, args, kwargs):
         """An op on a virtual tensor (wall mode: its time is the emulator's, not the serving code's)."""
-        return self._excluded(self.dispatcher.dispatch, func, args, kwargs)
+        return self.outside(self.dispatcher.dispatch, func, args, kwargs)
 
     def factory(self, func, args, kwargs):
         """A factory call on `cuda` (wall mode: its time is the emulator's, not the serving code's)."""
-        return self._excluded(self.dispatcher.factory, func, args, kwargs)
-
-    def _excluded(self, work, func, args, kwargs):
-        if not self.clock.wall:
-            return work(func, args, kwargs)
-        st = self.clock.enter()
-        try:
-            return work(func, args, kwargs)
-        finally:
-            self.clock.leave(st)
+        return self.outside(self.dispatcher.factory, func, args, kwargs)
 
     def account(self, sig: Signature) -> None:
         """Advance the clocks for one op and log it."""
@@ -196,7 +187,8 @@ class Emulator:
             )
 
     def outside(self, fn, *args):
-        """Run emulator work called from serving code (a collective): in wall mode its time is not theirs."""
+        """Run emulator work called from serving code (an op, a factory, a collective): in wall mode its time
+        is the emulator's, not the serving code's."""
         if not self.clock.wall:
             return fn(*args)
         st = self.clock.enter()
