@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: emulate test test-slow lint format bench accuracy clean
+.PHONY: emulate test test-slow lint format bench bench-sweep accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)  ## speed benchmarks (ratios taken in one run)
 	$(PY) benchmarks/cross_hardware.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/tp_scaling.py
+	$(PY) benchmarks/sweep.py --tiny-only
+
+bench-sweep: $(STAMP)  ## sweep throughput, local vs Ray, and a 48-point Llama-3.1-8B sweep (~15 min on 2 cores)
+	$(PY) benchmarks/sweep.py
 
 accuracy: $(STAMP)  ## end-to-end accuracy on held-out CPU workloads (~25 min on 2 cores; a quiet machine)
 	$(PY) benchmarks/accuracy.py --out runs/accuracy

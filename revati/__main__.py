@@ -2,4 +2,5 @@
 
 from revati.cli import main
 
-main()
+if __name__ == "__main__":  # not when a process pool re-imports the parent's main module
+    main()

@@ -4,6 +4,7 @@ revati emulate                                   # the embedded default: hf-cb, 
     revati emulate --model llama-3.1-70b --workload "poisson:rate=1,n=20,prompt=fixed(512),output=fixed(8)"
 revati emulate -- python bench.py --batch 8      # any script, with CUDA virtualized
 revati record --device cuda --runs 3             # the same serving, recorded on a real GPU (or CPU)
+revati sweep sweep.toml --backend ray            # many emulations over a grid, on a Ray cluster
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from revati.workloads import DEFAULT_WORKLOAD
@@ -381,6 +389,204 @@ def _plot_comparison(recorded, emulated, out: Path) -> list[Path]:
     from revati.plots import comparison_plots
 
     return comparison_plots(recorded, emulated, out)
+
+
+_SPEC_EXAMPLE = """
+  # sweep.toml: 12 points, tiny model, two GPUs
+  engine = "hf-cb"
+  model = "tiny-llama"
+  workload = "poisson:rate=4,n=16,prompt=fixed(64),output=fixed(8)"
+
+  [grid]
+  gpu = ["h100", "h200"]
+  [grid.options]
+  max_batch_tokens = [64, 128, 256]
+  [grid.workload]
+  rate = [4, 16]
+
+  [slo]              # upper bounds, ms
+  ttft_p99_ms = 2000
+  tpot_p50_ms = 50
+
+  [prices]           # USD per GPU-hour: adds cost per token
+  h100 = 2.5
+  h200 = 3.5
+"""
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  revati sweep sweep.toml\n\n"
+        "  revati sweep sweep.toml --workers 4 --out runs/sweep-a     # rerun: only the points not done\n\n"
+        "  revati sweep sweep.toml --backend ray                        # a local Ray instance\n\n"
+        "  revati sweep sweep.toml --backend ray --ray-address head:6379\n\n"
+        "A spec (TOML):\n\n" + _SPEC_EXAMPLE.replace("\n", "\n\n")
+    ),
+)
+def sweep(
+    spec: Path = typer.Argument(..., help="The sweep spec (TOML): configuration, [grid], [slo], [prices]."),
+    backend: str = typer.Option("local", help="Where points run: local (a process pool) or ray."),
+    ray_address: str | None = typer.Option(
+        None, help="A Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a local Ray started for it)."
+    ),
+    workers: int | None = typer.Option(
+        None, min=1, help="Points run at once (default: this machine's cores; on Ray, the cluster's CPUs)."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Sweep directory (default: runs/sweep-<spec name>); run again, it skips the points done."
+    ),
+    retry_failed: bool = typer.Option(False, help="Run points that failed in an earlier run again."),
+    rows: int = typer.Option(12, help="Frontier points shown."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object."),
+) -> None:
+    """Emulate every configuration of a grid, each in its own process, and find the best under the SLOs."""
+    from revati.sweep import Interrupted, SpecError, connect_ray, load_spec, points, run_sweep
+
+    try:
+        if backend not in ("local", "ray"):
+            raise BadInput(f"--backend must be local or ray, not {backend!r}")
+        if ray_address is not None and backend != "ray":
+            raise BadInput("--ray-address applies to --backend ray")
+        if backend == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise BadInput("--backend ray needs Ray: pip install 'revati[ray]'") from None
+        plan = load_spec(spec)
+        out = out or Path("runs") / f"sweep-{spec.stem}"
+        if out.exists() and not out.is_dir():
+            raise BadInput(f"--out {out} is a file; give a directory for the sweep")
+        if out.is_dir() and any(out.iterdir()) and not (out / "points").is_dir():
+            raise BadInput(f"--out {out} holds files that are not a sweep's; choose a new directory")
+        total = len(points(plan))
+        if backend == "ray":
+            connect_ray(ray_address, workers)  # before anything runs: an unreachable cluster is bad input
+    except (SpecError, ConnectionError) as e:
+        _fail(str(e), _BAD_INPUT)
+    except BadInput as e:
+        _fail(str(e), _BAD_INPUT)
+    progress = Progress(
+        TextColumn("[bold]sweep[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("points · {task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        TextColumn("· eta"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=as_json,
+    )
+    task = progress.add_task(f"{spec.name} · {backend}", total=total, failed=0)
+
+    def on_start(done: int, todo: int) -> None:
+        progress.update(task, completed=done)
+        if not as_json:
+            size = f" (a sample of {plan.size})" if total < plan.size else ""
+            progress.console.print(
+                f"[dim]{total} points{size}: {done} done before, {todo} to run · {escape(str(out))}[/]",
+                highlight=False,
+            )
+
+    def on_point(row: dict) -> None:
+        failed = progress.tasks[0].fields["failed"] + (row["status"] != "ok")
+        progress.update(task, advance=1, failed=failed)
+
+    try:
+        with progress:
+            result = run_sweep(
+                plan, out, backend=backend, workers=workers, ray_address=ray_address,
+                retry_failed=retry_failed, on_point=on_point, on_start=on_start,
+            )  # fmt: skip
+    except Interrupted as e:
+        _fail(f"{e}; the finished ones are kept in {out}: run the same command again for the rest", 130)
+    plot = result.out / "frontier.png"
+    if as_json:
+        out_console.print_json(json.dumps(_sweep_summary(result, plot), default=str))
+    else:
+        _print_sweep(result, rows, plot)
+
+
+def _sweep_summary(result, plot: Path) -> dict:
+    from revati.sweep import axes_label, best, pareto
+
+    rows = result.rows()
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+
+    def pick(r: dict | None) -> dict | None:
+        return None if r is None else {"point": axes_label(r), **r}
+
+    return {
+        "points": len(rows),
+        "ran": result.ran,
+        "skipped": result.skipped,
+        "statuses": statuses,
+        "slo_met": sum(bool(r["slo_met"]) for r in rows),
+        "best": pick(best(rows)),
+        "best_cost": pick(best(rows, by="cost")),
+        "frontier": [pick(r) for r in pareto(rows, result.spec.frontier)],
+        "results": str(result.out / "results.parquet"),
+        "plot": str(plot),
+        "wall_seconds": result.wall_seconds,
+    }
+
+
+def _print_sweep(result, rows: int, plot: Path) -> None:
+    from revati.sweep import axes_label, best, pareto
+
+    spec, all_rows = result.spec, result.rows()
+    summary = _sweep_summary(result, plot)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary["statuses"].items()))
+    out_console.print(
+        f"[bold]{len(all_rows)} points[/]: {counts} · {summary['slo_met']} meet the SLOs · "
+        f"ran {result.ran} in {result.wall_seconds:.0f} s, {result.skipped} done before",
+        highlight=False,
+    )
+    axes = list(spec.grid)
+    latency = spec.frontier
+    priced = any(r["usd_per_mtok"] is not None for r in all_rows)
+    table = Table(title=f"frontier: throughput vs {latency}", title_justify="left", box=None)
+    table.add_column("#", justify="right")
+    for axis in axes:
+        table.add_column(axis.split(".")[-1])
+    for name in ("tok/s", latency.removesuffix("_ms") + " ms", "tpot_p50 ms", "SLOs"):
+        table.add_column(name, justify="right")
+    if priced:
+        table.add_column("$/Mtok", justify="right")
+    for r in pareto(all_rows, latency)[:rows]:
+        params = json.loads(r["params"])
+        cells = [str(r["index"]), *(str(params[a]) for a in axes)]
+        cells += [_fmt(r["throughput_tok_s"]), _fmt(r[latency]), _fmt(r["tpot_p50_ms"], 2)]
+        cells.append("met" if r["slo_met"] else f"[yellow]{escape(r['slo_missed'] or '')}[/]")
+        if priced:
+            cells.append(_fmt(r["usd_per_mtok"], 3))
+        table.add_row(*cells)
+    out_console.print(table)
+    slos = ", ".join(f"{k} ≤ {v:g}" for k, v in spec.slo.items()) or "none given"
+    for label, by in (("best by throughput", "throughput"), ("best by cost", "cost")):
+        top = best(all_rows, by=by)
+        if by == "cost" and not priced:
+            continue
+        if top is None:
+            out_console.print(f"[bold]{label}[/]: no point meets the SLOs ({escape(slos)})", highlight=False)
+            continue
+        cost = f" · ${top['usd_per_mtok']:.3f} per M tokens" if top["usd_per_mtok"] is not None else ""
+        out_console.print(
+            f"[bold]{label}[/] under {escape(slos)}: #{top['index']} {escape(axes_label(top))} · "
+            f"{_fmt(top['throughput_tok_s'])} tok/s · {latency} {_fmt(top[latency])} ms{cost}",
+            highlight=False,
+        )
+    failed = [r for r in all_rows if r["status"] != "ok"]
+    if failed:
+        fails = Table(title="points that did not finish", title_justify="left", box=None)
+        for name in ("#", "point", "status", "error"):
+            fails.add_column(name, overflow="fold")
+        for r in failed[:rows]:
+            fails.add_row(str(r["index"]), axes_label(r), r["status"], escape(r["error"] or ""))
+        out_console.print(fails)
+    out_console.print(f"wrote {escape(summary['results'])} and {escape(str(plot))}", highlight=False)
 
 
 def _device(name: str) -> str:

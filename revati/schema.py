@@ -170,7 +170,7 @@ def _encodings(schema: pa.Schema) -> dict:
     }
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
+def write_atomically(table: pa.Table, path: Path) -> None:
     """Write one complete Parquet file to a temporary name beside `path`, then rename it into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {b"revati.schema_version": SCHEMA_VERSION.encode()}
@@ -301,7 +301,7 @@ class TraceWriter:
         arrow = _to_arrow(table, self._buffers[table], self.run_id)
         folder = self.out_dir / table
         folder.mkdir(exist_ok=True)
-        _write_atomically(arrow, folder / _part_name(self._parts[table]))
+        write_atomically(arrow, folder / _part_name(self._parts[table]))
         self._parts[table] += 1
         self._buffers[table] = self._empty_buffer(table)
         self._rows[table] = 0
@@ -322,7 +322,7 @@ class TraceWriter:
         arrow = _to_arrow("run", columns, self.run_id)
         folder = self.out_dir / "run"
         folder.mkdir(exist_ok=True)
-        _write_atomically(arrow, folder / _part_name(0))
+        write_atomically(arrow, folder / _part_name(0))
         self._run_row = row
 
     def close(self, complete: bool = True) -> None:

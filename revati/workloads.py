@@ -106,6 +106,33 @@ def parse_workload(spec_or_path: str | Path) -> Workload:
     return _generate(text) if _generated(text) else _replay(text)
 
 
+def with_fields(spec: str, fields: dict[str, object]) -> str:
+    """The spec with some fields set, the way a sweep varies a workload.
+
+    with_fields('poisson:rate=2,n=9,prompt=fixed(8),output=fixed(4)', {'rate': 4}) → 'poisson:rate=4,n=9,...'
+    with_fields('azure.csv?limit=50', {'scale': 2}) → 'azure.csv?limit=50&scale=2' (a trace file's options)
+    """
+    text = spec.strip()
+    if _generated(text):
+        kind, _, body = text.partition(":")
+        items = dict(item.split("=", 1) for item in _split_top_level(body) if "=" in item)
+        items = {k.strip().lower(): v.strip() for k, v in items.items()}
+        allowed = _KINDS[kind.lower()] | _OPTIONAL
+        joiner, prefix = ",", f"{kind}:"
+    else:
+        location, _, query = text.partition("?")
+        items = dict(parse_qsl(query, keep_blank_values=True))
+        allowed = _FILE_OPTIONS
+        joiner, prefix = "&", f"{location}?"
+    for key, value in fields.items():
+        if key not in allowed:
+            raise WorkloadError(
+                f"workload {spec!r}: cannot set {key!r}; this workload takes {', '.join(sorted(allowed))}"
+            )
+        items[key] = str(value)
+    return prefix + joiner.join(f"{k}={v}" for k, v in items.items())
+
+
 def workload_identity(spec: str) -> str:
     """A spec with a replayed file named by its file name: `../w/azure.csv?limit=9` and
     `/home/me/w/azure.csv?limit=9` are one workload given from two directories. (Two different files of

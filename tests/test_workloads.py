@@ -182,3 +182,20 @@ def test_unknown_file_option_lists_the_options(tmp_path):
         WorkloadError, match="unknown option 'rate'; options are limit, max_output, max_prompt, scale"
     ):
         parse_workload(f"{path}?rate=2")
+
+
+def test_with_fields_sets_fields_of_a_generated_spec_and_options_of_a_trace_file(tmp_path):
+    from revati.workloads import with_fields
+
+    spec = "poisson:rate=2,n=9,prompt=fixed(8),output=fixed(4)"
+    faster = parse_workload(with_fields(spec, {"rate": 8, "seed": 3}))
+    assert len(faster) == 9 and faster.spec.startswith("poisson:rate=8,n=9")
+    assert faster.requests[-1].arrival < parse_workload(spec).requests[-1].arrival
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival,prompt_tokens,output_tokens\n0,5,2\n1,6,3\n2,7,4\n")
+    halved = parse_workload(with_fields(f"{trace}?limit=2", {"scale": 2}))
+    assert [r.arrival for r in halved.requests] == [0.0, 0.5]
+    with pytest.raises(WorkloadError, match="cannot set 'burst'"):
+        with_fields(spec, {"burst": 1})
+    with pytest.raises(WorkloadError, match="cannot set 'rate'"):
+        with_fields(str(trace), {"rate": 1})
