@@ -441,7 +441,7 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object."),
 ) -> None:
     """Emulate every configuration of a grid, each in its own process, and find the best under the SLOs."""
-    from revati.sweep import Interrupted, SpecError, connect_ray, load_spec, points, run_sweep
+    from revati.sweep import Interrupted, SpecError, SweepError, connect_ray, load_spec, points, run_sweep
 
     try:
         if backend not in ("local", "ray"):
@@ -462,9 +462,7 @@ def sweep(
         total = len(points(plan))
         if backend == "ray":
             connect_ray(ray_address, workers)  # before anything runs: an unreachable cluster is bad input
-    except (SpecError, ConnectionError) as e:
-        _fail(str(e), _BAD_INPUT)
-    except BadInput as e:
+    except (SpecError, ConnectionError, BadInput) as e:
         _fail(str(e), _BAD_INPUT)
     progress = Progress(
         TextColumn("[bold]sweep[/] {task.description}"),
@@ -500,6 +498,11 @@ def sweep(
             )  # fmt: skip
     except Interrupted as e:
         _fail(f"{e}; the finished ones are kept in {out}: run the same command again for the rest", 130)
+    except SweepError as e:
+        _fail(
+            f"{e}; the finished points are kept in {out}: run the same command again for the rest",
+            _RUN_FAILED,
+        )
     plot = result.out / "frontier.png"
     if as_json:
         out_console.print_json(json.dumps(_sweep_summary(result, plot), default=str))
@@ -534,7 +537,7 @@ def _sweep_summary(result, plot: Path) -> dict:
 
 
 def _print_sweep(result, rows: int, plot: Path) -> None:
-    from revati.sweep import axes_label, best, pareto
+    from revati.sweep import axes_label
 
     spec, all_rows = result.spec, result.rows()
     summary = _sweep_summary(result, plot)
@@ -555,7 +558,7 @@ def _print_sweep(result, rows: int, plot: Path) -> None:
         table.add_column(name, justify="right")
     if priced:
         table.add_column("$/Mtok", justify="right")
-    for r in pareto(all_rows, latency)[:rows]:
+    for r in summary["frontier"][:rows]:
         params = json.loads(r["params"])
         cells = [str(r["index"]), *(str(params[a]) for a in axes)]
         cells += [_fmt(r["throughput_tok_s"]), _fmt(r[latency]), _fmt(r["tpot_p50_ms"], 2)]
@@ -565,9 +568,9 @@ def _print_sweep(result, rows: int, plot: Path) -> None:
         table.add_row(*cells)
     out_console.print(table)
     slos = ", ".join(f"{k} ≤ {v:g}" for k, v in spec.slo.items()) or "none given"
-    for label, by in (("best by throughput", "throughput"), ("best by cost", "cost")):
-        top = best(all_rows, by=by)
-        if by == "cost" and not priced:
+    for label, key in (("best by throughput", "best"), ("best by cost", "best_cost")):
+        top = summary[key]
+        if key == "best_cost" and not priced:
             continue
         if top is None:
             out_console.print(f"[bold]{label}[/]: no point meets the SLOs ({escape(slos)})", highlight=False)
@@ -586,6 +589,10 @@ def _print_sweep(result, rows: int, plot: Path) -> None:
         for r in failed[:rows]:
             fails.add_row(str(r["index"]), axes_label(r), r["status"], escape(r["error"] or ""))
         out_console.print(fails)
+        out_console.print(
+            "[dim]points that did not finish are kept as they are; `--retry-failed` runs them again "
+            "(raise the spec's timeout first for those that timed out)[/]"
+        )
     out_console.print(f"wrote {escape(summary['results'])} and {escape(str(plot))}", highlight=False)
 
 

@@ -13,6 +13,7 @@ points/; a sweep run again skips the points found there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,10 @@ class SpecError(ValueError):
     """A sweep spec that cannot run: names the file and the key."""
 
 
+class SweepError(RuntimeError):
+    """A sweep that could not go on (its Ray cluster failed); the points finished are kept."""
+
+
 # What one point's emulation is given; each can be fixed at the top of the spec or varied in [grid].
 _CONFIG = {
     "engine": "hf-cb",
@@ -55,6 +60,7 @@ _CONFIG = {
     "profile": None,
     "host_time": "deterministic",
 }
+_TYPES = {k: (str, type(None)) if v is None else type(v) for k, v in _CONFIG.items()}
 _TABLES = ("options", "grid", "sample", "slo", "prices")
 _SETTINGS = {"timeout": 3600.0, "ops": "none", "frontier": "ttft_p99_ms"}
 _METRICS = [f"{m}_{p}_ms" for m in ("ttft", "tpot", "itl", "e2e") for p in ("p50", "p90", "p99")]
@@ -91,8 +97,10 @@ class Point:
 
     @property
     def point_id(self) -> str:
-        """Stable across runs: a hash of the emulation's configuration, not of its position."""
-        text = json.dumps(self.config, sort_keys=True, default=str)
+        """Stable across runs: a hash of the emulation's configuration, not of its position in the grid nor of
+        where the files it names lie (a file counts by its name and contents)."""
+        identity = {k: _identity(v) for k, v in self.config.items()}
+        text = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def argv(self, trace_dir: Path, ops: str) -> list[str]:
@@ -122,6 +130,8 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         raise SpecError(f"{path}: no such spec file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read it ({e.strerror or e})") from None
     unknown = sorted(data.keys() - _CONFIG.keys() - set(_TABLES) - _SETTINGS.keys())
     if unknown:
         known = [*_CONFIG, *_TABLES, *_SETTINGS]
@@ -135,9 +145,14 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     unknown = sorted(sample.keys() - {"n", "seed"})
     if unknown:
         raise SpecError(f"{path}: unknown key {unknown[0]!r} in [sample]; it takes n and seed")
-    n = sample.get("n")
-    if n is not None and (not isinstance(n, int) or n < 1):
+    n, seed = sample.get("n"), sample.get("seed", 0)
+    if n is not None and not (_is_whole(n) and n >= 1):
         raise SpecError(f"{path}: [sample] n must be a whole number ≥ 1, not {n!r}")
+    if not _is_whole(seed):
+        raise SpecError(f"{path}: [sample] seed must be a whole number, not {seed!r}")
+    timeout = data.get("timeout", _SETTINGS["timeout"])
+    if not (_is_number(timeout) and timeout > 0):
+        raise SpecError(f"{path}: timeout must be a positive number of seconds, not {timeout!r}")
     slo = data.get("slo", {})
     bad = sorted(k for k, v in slo.items() if k not in _METRICS or not _is_number(v) or v <= 0)
     if bad:
@@ -151,10 +166,10 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         base=base,
         grid=grid,
         sample=n,
-        seed=int(sample.get("seed", 0)),
+        seed=seed,
         slo={k: float(v) for k, v in slo.items()},
         prices=prices,
-        timeout=float(data.get("timeout", _SETTINGS["timeout"])),
+        timeout=float(timeout),
         ops=data.get("ops", _SETTINGS["ops"]),
         frontier=data.get("frontier", _SETTINGS["frontier"]),
     )
@@ -175,6 +190,10 @@ def _prices(path: Path, table: dict) -> dict[str, float]:
         except ValueError as e:
             raise SpecError(f"{path}: [prices]: {e}") from None
     return prices
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
@@ -219,6 +238,14 @@ def _check(spec: SweepSpec) -> None:
     values = {k: [spec.base[k]] for k in _CONFIG} | {
         k: v for k, v in spec.grid.items() if not k.startswith(("options.", "workload."))
     }
+    for key, values_of_key in values.items():
+        for value in values_of_key:
+            if not (isinstance(value, _TYPES[key]) and not isinstance(value, bool)):
+                kind = "a whole number" if key == "tp" else "a string"
+                raise SpecError(f"{where}: {key} must be {kind}, not {value!r}")
+    todo = points(spec)
+    for key in ("model", "profile", "workload"):  # as the points name them: files found beside the spec
+        values[key] = list(dict.fromkeys(p.config[key] for p in todo))
     for engine in values["engine"]:
         if engine not in ENGINES:
             raise SpecError(f"{where}: unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
@@ -244,7 +271,7 @@ def _check(spec: SweepSpec) -> None:
         except (ValueError, OSError) as e:
             raise SpecError(f"{where}: model: {e}") from None
     for tp in values["tp"]:
-        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        if tp < 1:
             raise SpecError(f"{where}: tp must be a whole number ≥ 1, not {tp!r}")
     for key, allowed in (
         ("dtype", ("bfloat16", "float16", "float32")),
@@ -254,7 +281,7 @@ def _check(spec: SweepSpec) -> None:
         if bad:
             raise SpecError(f"{where}: {key} {bad[0]!r}; use {' or '.join(allowed)}")
     for profile in values["profile"]:
-        if profile not in (None, "roofline") and not Path(profile).is_file():
+        if profile not in (None, "roofline") and not Path(profile).is_file():  # read by each point
             raise SpecError(f"{where}: profile {profile!r}: no such file")
     if spec.ops not in ("all", "sample", "none"):
         raise SpecError(f"{where}: ops must be all, sample or none, not {spec.ops!r}")
@@ -262,9 +289,7 @@ def _check(spec: SweepSpec) -> None:
         raise SpecError(
             f"{where}: frontier {spec.frontier!r}: the latency to plot, one of {', '.join(_METRICS)}"
         )
-    if not (_is_number(spec.timeout) and spec.timeout > 0):
-        raise SpecError(f"{where}: timeout must be a positive number of seconds")
-    for workload in {p.config["workload"] for p in points(spec)}:
+    for workload in values["workload"]:
         try:
             parse_workload(workload)
         except (WorkloadError, OSError) as e:
@@ -307,6 +332,26 @@ def _point(spec: SweepSpec, index: int, axes: list[str]) -> Point:
     return Point(index, params, config)
 
 
+def _identity(value):
+    """A file named in a configuration as its name and a hash of its bytes; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    location, sep, query = value.partition("?")
+    path = Path(location)
+    if not path.exists():
+        return value
+    target = path / "config.json" if path.is_dir() else path  # a model directory: its config
+    if not target.is_file():
+        return value
+    stat = target.stat()
+    return f"{path.name}#{_digest(target.resolve(), stat.st_mtime_ns, stat.st_size)}{sep}{query}"
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: Path, mtime_ns: int, size: int) -> str:  # keyed by mtime and size: read once per version
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+
+
 def _beside(spec_path: Path, value):
     """A file a spec names (model config, profile, workload trace) is looked for beside the spec first, then
     from the working directory; names and generated workloads stay as they are."""
@@ -314,7 +359,7 @@ def _beside(spec_path: Path, value):
         return value
     location, sep, query = value.partition("?")
     candidate = spec_path.parent / location
-    if Path(location).is_absolute() or not candidate.is_file():
+    if Path(location).is_absolute() or not candidate.exists():
         return value
     return str(candidate.resolve()) + sep + query
 
@@ -322,26 +367,78 @@ def _beside(spec_path: Path, value):
 # --- one point -------------------------------------------------------------------------------------
 
 
-def run_point(point: Point, trace_dir: Path, timeout: float, ops: str) -> dict:
+class Children:
+    """The points' processes a sweep has running, so that stopping it stops them all, including one whose
+    process is still starting (the first waits seconds for the fork server's imports)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live: set = set()
+        self.stopping = threading.Event()
+
+    def start(self, child) -> bool:
+        """Start `child` unless the sweep is stopping; False when it was not started."""
+        with self._lock:
+            if self.stopping.is_set():
+                return False
+            self._live.add(child)
+        child.start()
+        if self.stopping.is_set():  # stopped while it started: stop_all may have seen no pid yet
+            _kill(child)
+        return True
+
+    def done(self, child) -> None:
+        with self._lock:
+            self._live.discard(child)
+
+    def stop_all(self) -> None:
+        """Kill every point running and start no more."""
+        self.stopping.set()
+        with self._lock:
+            for child in self._live:
+                if child.pid is not None:
+                    _kill(child)
+
+
+def _kill(child) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)  # the point's session: what it started too
+    child.kill()
+
+
+def run_point(
+    point: Point, trace_dir: Path, timeout: float, ops: str, children: Children | None = None
+) -> dict:
     """Emulate one point in a process of its own; the row of its outcome (status 'ok', 'failed', 'oom' or
-    'timeout', with the error in the emulation's own words)."""
-    shutil.rmtree(trace_dir, ignore_errors=True)  # what an interrupted attempt left
+    'timeout', with the error in the emulation's own words). Never raises for a point that went wrong."""
     started = time.perf_counter()
+    try:
+        return _run_point(point, trace_dir, timeout, ops, children or Children(), started)
+    except Exception as e:  # a point that broke in an unforeseen way is a failed point, not a failed sweep
+        return _failure(point, "failed", f"{type(e).__name__}: {e}", started)
+
+
+def _run_point(point: Point, trace_dir: Path, timeout: float, ops: str, children: Children, started) -> dict:
+    shutil.rmtree(trace_dir, ignore_errors=True)  # what an interrupted attempt left
     with tempfile.TemporaryDirectory(prefix="revati-point-") as tmp:
         stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
         child = _forkserver().Process(
-            target=_emulate, args=(point.argv(trace_dir, ops), str(stdout), str(stderr)), name="revati-point"
+            target=_emulate, args=(point.argv(trace_dir, ops), str(stdout), str(stderr))
         )
-        child.start()
-        with _running(child):
+        if not children.start(child):
+            return _failure(point, "failed", "the sweep stopped before this point started", started)
+        try:
             child.join(timeout)
             if child.is_alive():
-                child.kill()
+                _kill(child)
                 child.join()
                 return _failure(
                     point, "timeout", f"no result after {timeout:g} s (the spec's timeout)", started
                 )
-        said, complaint = stdout.read_text(errors="replace"), stderr.read_text(errors="replace")
+        finally:
+            children.done(child)
+        said = stdout.read_text(errors="replace") if stdout.exists() else ""
+        complaint = stderr.read_text(errors="replace") if stderr.exists() else ""
     if child.exitcode == 0:
         try:
             figures = json.loads(said[said.index("{") :])
@@ -407,28 +504,6 @@ def _emulate(args: list[str], stdout: str, stderr: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-_LIVE: set = set()  # the points' processes now running
-_LIVE_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _running(child) -> Iterator[None]:
-    with _LIVE_LOCK:
-        _LIVE.add(child)
-    try:
-        yield
-    finally:
-        with _LIVE_LOCK:
-            _LIVE.discard(child)
-
-
-def _stop_all() -> None:
-    """Kill the points still running (an interrupted sweep)."""
-    with _LIVE_LOCK:
-        for child in _LIVE:
-            child.kill()
 
 
 def _die_with_parent() -> None:
@@ -581,10 +656,14 @@ def run_sweep(
             on_point(row)
 
     if pending:
-        runner = _run_ray if backend == "ray" else _run_local
+        # Ray first: ray.init installs its own SIGTERM handler, which the sweep's replaces while it runs
+        joined = backend == "ray" and connect_ray(ray_address, workers)
         with _sigterm_interrupts():
             try:
-                runner(pending, out, spec, workers, ray_address, record)
+                if backend == "ray":
+                    _run_ray(pending, out, spec, workers, record)
+                else:
+                    _run_local(pending, out, spec, workers, record)
             except KeyboardInterrupt:
                 finished = (
                     len(todo)
@@ -592,6 +671,11 @@ def run_sweep(
                     + sum((out / "points" / f"{p.point_id}.parquet").exists() for p in pending)
                 )
                 raise Interrupted(finished, len(todo)) from None
+            finally:
+                if joined:
+                    import ray
+
+                    ray.shutdown()
     results = _results(spec, out, todo)
     write_atomically(results, out / "results.parquet")
     run = SweepRun(spec, out, results, len(pending), len(todo) - len(pending), time.perf_counter() - started)
@@ -627,23 +711,19 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
-def _run_local(pending, out, spec, workers, _address, record) -> None:
+def _run_local(pending, out, spec, workers, record) -> None:
     """A pool of `workers` emulations at a time, each in its own process; rows written as they finish."""
-    workers = workers or os.cpu_count() or 1
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sweep")  # threads wait; points run
-    futures = {
-        pool.submit(run_point, p, out / "traces" / p.point_id, spec.timeout, spec.ops): p for p in pending
-    }
+    children = Children()
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="sweep")
+    futures = [
+        pool.submit(run_point, p, out / "traces" / p.point_id, spec.timeout, spec.ops, children)
+        for p in pending
+    ]
     try:
-        remaining = set(futures)
-        while remaining:
-            finished, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in finished:
-                record(future.result())
+        for future in as_completed(futures):
+            record(future.result())
     except BaseException:
-        for future in futures:
-            future.cancel()
-        _stop_all()
+        children.stop_all()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -696,41 +776,42 @@ def connect_ray(address: str | None, workers: int | None = None) -> bool:
     return True
 
 
-def _run_ray(pending, out, spec, workers, address, record) -> None:
-    """The same points as Ray tasks, at most `workers` in flight (default: the cluster's CPUs)."""
+def _run_ray(pending, out, spec, workers, record) -> None:
+    """The same points as Ray tasks on the Ray this process is connected to, at most `workers` in flight
+    (default: the cluster's CPUs)."""
     import ray
 
-    started_here = connect_ray(address, workers)
     task = ray.remote(num_cpus=1, max_retries=0)(_ray_point)
     limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     queue = list(pending)
-    flying: dict = {}
+    flying: dict = {}  # task → (point, when it was submitted)
     try:
         while queue or flying:
             while queue and len(flying) < limit:
                 p = queue.pop(0)
-                flying[task.remote(p, spec.timeout, spec.ops)] = p
+                flying[task.remote(p, spec.timeout, spec.ops)] = (p, time.perf_counter())
             ready, _ = ray.wait(list(flying), num_returns=1, timeout=0.5)
             for ref in ready:
-                p = flying.pop(ref)
+                p, submitted = flying.pop(ref)
                 try:
                     row, files = ray.get(ref)
                 except ray.exceptions.RayError as e:  # the worker died under the point
-                    row = _failure(p, "failed", f"Ray: {str(e).splitlines()[0]}", time.perf_counter())
+                    oom = isinstance(e, ray.exceptions.OutOfMemoryError)
+                    row = _failure(p, "oom" if oom else "failed", f"Ray: {str(e).splitlines()[0]}", submitted)
                     files = {}
                 _write_files(out / "traces" / p.point_id, files)
                 record(row)
+    except ray.exceptions.RayError as e:
+        raise SweepError(f"the Ray cluster failed the sweep: {str(e).splitlines()[0]}") from None
     except BaseException:
         for ref in flying:
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         raise
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # what an earlier attempt left
     for name, data in files.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)

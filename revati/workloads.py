@@ -115,8 +115,12 @@ def with_fields(spec: str, fields: dict[str, object]) -> str:
     text = spec.strip()
     if _generated(text):
         kind, _, body = text.partition(":")
-        items = dict(item.split("=", 1) for item in _split_top_level(body) if "=" in item)
-        items = {k.strip().lower(): v.strip() for k, v in items.items()}
+        items = {}
+        for item in _split_top_level(body):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise WorkloadError(f"workload spec {spec!r}: {item!r} is not key=value")
+            items[key.strip().lower()] = value.strip()
         allowed = _KINDS[kind.lower()] | _OPTIONAL
         joiner, prefix = ",", f"{kind}:"
     else:

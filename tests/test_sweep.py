@@ -4,12 +4,14 @@ against SLOs and prices."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -60,11 +62,19 @@ def comparable(path: Path):
     return pq.read_table(path).drop(list(RUN_COLUMNS))
 
 
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+def _marked(marker: str) -> list[int]:
+    """Live processes (not zombies) whose environment holds `marker`."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if (
+                process.status() != psutil.STATUS_ZOMBIE
+                and process.environ().get("REVATI_TEST_MARKER") == marker
+            ):
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 # --- the spec --------------------------------------------------------------------------------------
@@ -135,6 +145,18 @@ def test_a_sample_is_a_seeded_subset_of_the_grid(tmp_path):
         ('model = "tiny-llama"\n[grid]\ngpu = ["h100"]\n[prices]\nh100 = "cheap"\n', ["[prices] h100"]),
         ('model = "tiny-llama"\n[grid]\ntp = [1, 0]\n', ["tp must be a whole number"]),
         ('model = "tiny-llama"\n[grid]\ngpu = ["h100"\n', ["not valid TOML"]),
+        (
+            'model = "tiny-llama"\ntimeout = "long"\n[grid]\ngpu = ["h100"]\n',
+            ["timeout must be a positive number"],
+        ),
+        ('model = "tiny-llama"\n[grid]\ngpu = ["h100"]\n[sample]\nn = true\n', ["[sample] n must be"]),
+        ('model = "tiny-llama"\n[grid]\ngpu = ["h100"]\n[sample]\nseed = "x"\n', ["[sample] seed must be"]),
+        ('model = "tiny-llama"\n[grid]\ngpu = [1]\n', ["gpu must be a string, not 1"]),
+        ('model = "tiny-llama"\nprofile = 3\n[grid]\ngpu = ["h100"]\n', ["profile must be a string"]),
+        (
+            'model = "tiny-llama"\n[grid]\nprofile = ["nowhere.parquet"]\n',
+            ["profile 'nowhere.parquet'", "no such file"],
+        ),
     ],
 )
 def test_a_bad_spec_is_refused_naming_the_file_and_the_key(tmp_path, text, words):
@@ -145,6 +167,31 @@ def test_a_bad_spec_is_refused_naming_the_file_and_the_key(tmp_path, text, words
     assert message.startswith(str(path))
     for word in words:
         assert word in message
+
+
+def test_a_spec_that_is_a_directory_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="cannot read it"):
+        load_spec(tmp_path)
+
+
+def test_files_a_spec_names_are_found_beside_it_and_counted_by_contents(tmp_path, monkeypatch):
+    text = 'model = "tiny-llama"\nworkload = "w.csv?limit=2"\n[grid]\nprofile = ["p.parquet", "roofline"]\n'
+    trace = "arrival,prompt_tokens,output_tokens\n0,5,2\n1,6,3\n2,7,4\n"
+    ids = []
+    for where in ("a", "b"):
+        folder = tmp_path / where
+        folder.mkdir()
+        (folder / "w.csv").write_text(trace)
+        (folder / "p.parquet").write_bytes(b"not read here")
+        spec = load_spec(write_spec(folder, text))
+        monkeypatch.chdir(tmp_path)  # the points find the files beside the spec, not here
+        first = points(spec)[0]
+        assert first.config["profile"] == str((folder / "p.parquet").resolve())
+        assert first.config["workload"] == f"{(folder / 'w.csv').resolve()}?limit=2"
+        ids.append([p.point_id for p in points(spec)])
+    assert ids[0] == ids[1]  # the same files in another place: the same points
+    (tmp_path / "b" / "w.csv").write_text(trace.replace("0,5,2", "0,5,9"))
+    assert [p.point_id for p in points(load_spec(tmp_path / "b" / "sweep.toml"))] != ids[0]
 
 
 @pytest.mark.parametrize(
@@ -231,9 +278,9 @@ def test_best_is_the_highest_throughput_or_lowest_cost_among_points_meeting_the_
 
 
 def test_twelve_points_give_one_results_table_identical_locally_and_on_ray(tmp_path):
+    pytest.importorskip("ray")
     spec = load_spec(write_spec(tmp_path, TWELVE))
     local = run_sweep(spec, tmp_path / "local", backend="local", workers=2)
-    pytest.importorskip("ray")
     on_ray = run_sweep(spec, tmp_path / "ray", backend="ray", workers=2)
     assert local.ran == on_ray.ran == 12
     rows = local.rows()
@@ -311,6 +358,10 @@ def test_points_that_cannot_run_are_recorded_with_their_error(tmp_path):
     assert ok["status"] == "ok" and ok["error"] is None
     assert bad["status"] == "failed" and "tensor parallelism 3 must divide" in bad["error"]
     assert bad["throughput_tok_s"] is None and not bad["slo_met"] and not bad["on_frontier"]
+    assert run_sweep(load_spec(tmp_path / "sweep.toml"), tmp_path / "out").ran == 0  # a failure is a result
+    retried = run_sweep(load_spec(tmp_path / "sweep.toml"), tmp_path / "out", retry_failed=True)
+    assert (retried.ran, retried.skipped) == (1, 1)
+    assert retried.rows()[1]["status"] == "failed"
     slow = write_spec(
         tmp_path,
         f'model = "tiny-llama"\nworkload = "{WORKLOAD}"\ntimeout = 0.05\n[grid]\ntp = [2]\n',
@@ -325,14 +376,15 @@ def test_an_interrupted_sweep_run_again_completes_only_the_missing_points(tmp_pa
     path = write_spec(tmp_path, TWELVE)
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "revati", "sweep", str(path), "--out", str(out), "--workers", "2"]
-    sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = f"sweep-{uuid.uuid4().hex}"  # inherited by the sweep's fork server and every point it forks
+    env = os.environ | {"REVATI_TEST_MARKER": marker}
+    sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
     while len(list((out / "points").glob("*.parquet"))) < 2:
         assert sweep.poll() is None, sweep.communicate()
         assert time.monotonic() < deadline, "no point finished in 240 s"
         time.sleep(0.2)
-    helpers = psutil.Process(sweep.pid).children(recursive=True)  # the fork server and the points it runs
-    assert len(helpers) >= 2
+    assert _marked(marker), "the points run in processes of their own"
     sweep.send_signal(signal.SIGINT)
     _, stderr = sweep.communicate(timeout=60)
     assert sweep.returncode == 130, stderr
@@ -341,7 +393,7 @@ def test_an_interrupted_sweep_run_again_completes_only_the_missing_points(tmp_pa
     assert 2 <= len(kept) < 12
     assert not any(p.name.endswith(".tmp") for p in (out / "points").iterdir())  # no half-written point
     time.sleep(1)
-    assert not [p.pid for p in helpers if _alive(p)], "points left running after the sweep stopped"
+    assert not _marked(marker), "processes left running after the sweep stopped"
     again = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
