@@ -392,7 +392,9 @@ def test_an_interrupted_sweep_run_again_completes_only_the_missing_points(tmp_pa
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.parquet")}
     assert 2 <= len(kept) < 12
     assert not any(p.name.endswith(".tmp") for p in (out / "points").iterdir())  # no half-written point
-    time.sleep(1)
+    deadline = time.monotonic() + 15  # the fork server may take a moment to see its parent gone
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not _marked(marker), "processes left running after the sweep stopped"
     again = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
