@@ -115,12 +115,7 @@ def with_fields(spec: str, fields: dict[str, object]) -> str:
     text = spec.strip()
     if _generated(text):
         kind, _, body = text.partition(":")
-        items = {}
-        for item in _split_top_level(body):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise WorkloadError(f"workload spec {spec!r}: {item!r} is not key=value")
-            items[key.strip().lower()] = value.strip()
+        items = _key_values(spec, body)
         allowed = _KINDS[kind.lower()] | _OPTIONAL
         joiner, prefix = ",", f"{kind}:"
     else:
@@ -175,15 +170,21 @@ def _number(spec: str, key: str, value: str) -> float:
         raise WorkloadError(f"workload spec {spec!r}: {key}={value!r} is not a number") from None
 
 
-def _parse_fields(spec: str) -> tuple[str, dict[str, str]]:
-    kind, _, body = spec.partition(":")
-    kind = kind.lower()
+def _key_values(spec: str, body: str) -> dict[str, str]:
+    """'rate=2,prompt=fixed(8)' → {'rate': '2', 'prompt': 'fixed(8)'}, keys lower-cased, in order."""
     fields = {}
     for item in _split_top_level(body):
         key, eq, value = item.partition("=")
         if not eq:
             raise WorkloadError(f"workload spec {spec!r}: {item!r} is not key=value")
         fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+def _parse_fields(spec: str) -> tuple[str, dict[str, str]]:
+    kind, _, body = spec.partition(":")
+    kind = kind.lower()
+    fields = _key_values(spec, body)
     required, allowed = _KINDS[kind], _KINDS[kind] | _OPTIONAL
     unknown = sorted(fields.keys() - allowed)
     if unknown:

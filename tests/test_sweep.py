@@ -25,26 +25,9 @@ from revati.schema import read_table
 from revati.sweep import RUN_COLUMNS, SpecError, best, load_spec, pareto, points, run_sweep
 
 WORKLOAD = "poisson:rate=4,n=6,prompt=fixed(32),output=fixed(6)"
-TWELVE = f"""
-engine = "hf-cb"
-model = "tiny-llama"
-workload = "{WORKLOAD}"
-
-[grid]
-gpu = ["h100", "h200"]
-[grid.options]
-max_batch_tokens = [64, 128, 256]
-[grid.workload]
-rate = [4, 16]
-
-[slo]
-ttft_p99_ms = 15
-tpot_p50_ms = 9
-
-[prices]
-h100 = 2.5
-h200 = 3.5
-"""
+TWELVE = (
+    Path(__file__).parents[1] / "benchmarks" / "sweeps" / "tiny-12.toml"
+).read_text()  # the shipped example
 
 
 def write_spec(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
