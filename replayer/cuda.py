@@ -239,18 +239,27 @@ def install(emu: Emulator, patch: Patcher) -> None:
         streams[stream.stream_id] = stream
         emu.clock.set_stream(stream.stream_id)
 
-    @contextlib.contextmanager
+    class StreamContext:
+        """`torch.cuda.stream(s)`: reusable, as torch's is (SGLang keeps one and enters it every step)."""
+
+        def __init__(self, stream):
+            self.stream = stream
+            self._previous: list[int] = []
+
+        def __enter__(self):
+            if self.stream is not None:
+                streams[self.stream.stream_id] = self.stream
+                self._previous.append(emu.clock.current_stream())
+                emu.clock.set_stream(self.stream.stream_id)
+            return self.stream
+
+        def __exit__(self, *exc):
+            if self.stream is not None:
+                emu.clock.set_stream(self._previous.pop())
+            return False
+
     def stream(stream):
-        if stream is None:
-            yield
-            return
-        streams[stream.stream_id] = stream
-        prev = emu.clock.current_stream()
-        emu.clock.set_stream(stream.stream_id)
-        try:
-            yield
-        finally:
-            emu.clock.set_stream(prev)
+        return StreamContext(stream)
 
     def mem_get_info(device=None):
         a = emu.allocator
@@ -438,7 +447,29 @@ def install(emu: Emulator, patch: Patcher) -> None:
         return real_get_device_module(device)
 
     patch.set(torch, "get_device_module", get_device_module)
+    patch.set(torch, "Generator", _generator_class())
     _install_accelerator(emu, patch, synchronize)
+
+
+def _generator_class():
+    """`torch.Generator(device="cuda")`: a CUDA generator needs the CUDA library, so it is a CPU generator
+    that says it is on the GPU (what seeds it, and the shadow values it draws, are real; the rest has no
+    data to draw). SGLang's dummy weights and vLLM's samplers make one."""
+
+    class Generator(torch._C.Generator):
+        def __new__(cls, device="cpu"):
+            device = torch.device(device)
+            if device.type != "cuda":
+                return torch._C.Generator(device)
+            generator = torch._C.Generator.__new__(cls)
+            generator._virtual_device = torch.device("cuda", device.index or 0)
+            return generator
+
+        @property
+        def device(self):
+            return self._virtual_device
+
+    return Generator
 
 
 def _install_accelerator(emu: Emulator, patch: Patcher, synchronize) -> None:

@@ -443,7 +443,9 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
         # A CPU build decomposes this into bmm + softmax (the math path) whatever the device; call the fused
         # kernel a CUDA build picks instead: flash without a mask in half precision, else efficient.
         if type(query) is not VTensor:
-            return real_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa=enable_gqa)
+            return real_sdpa(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+            )
         heads, kv_heads = query.shape[-3], key.shape[-3]
         half = query.dtype in (torch.float16, torch.bfloat16)
         if attn_mask is None and half and query.shape[-1] == value.shape[-1] <= 256:
@@ -478,8 +480,28 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
     patch.set(Tensor, "cuda", cuda)
     patch.set(Tensor, "pin_memory", pin_memory)
     patch.set(Tensor, "is_pinned", is_pinned)
+    # The caching allocator's note that another stream uses a block; the virtual allocator frees at once.
+    patch.set(Tensor, "record_stream", lambda self, stream: None)
+    # `with torch.device(...)` recognises its factories by identity, from a set built once on first use:
+    # build it from torch's own functions before they are wrapped.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
+    for name in ("empty", "zeros", "ones", "full", "empty_strided", "empty_like", "zeros_like", "ones_like"):
+        patch.set(torch, name, _unpinned(getattr(torch, name)))
     patch.set(torch, "tensor", tensor)
     patch.set(torch, "as_tensor", as_tensor)
+
+
+def _unpinned(real):
+    """A host-tensor factory whose `pin_memory=True` is dropped: a CPU-only build has no pinned allocator
+    and raises, and a pinned host tensor holds and copies the same values (`is_pinned` says False)."""
+
+    def factory(*args, pin_memory=False, **kwargs):
+        return real(*args, **kwargs)
+
+    factory.__name__ = real.__name__
+    return factory
 
 
 def _int_device(args: tuple) -> tuple:

@@ -106,6 +106,19 @@ def test_a_barrier_blocks_the_host_and_gathers_keep_their_shape(symmetric):
         assert out.tolist() == [[1, 2], [3, 4]] * 4
 
 
+def test_a_monitored_barrier_on_a_gloo_group_is_a_barrier(symmetric):
+    import torch.distributed as dist
+
+    with _roofline_emulator() as emu:
+        dist.init_process_group("nccl")
+        cpu_group = dist.new_group(backend="gloo")  # SGLang's CPU group, waited on after loading weights
+        w = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        w @ w
+        assert emu.clock.now < emu.clock.stream_time(0)
+        dist.monitored_barrier(cpu_group)  # gloo's own: under emulation gloo is the virtual group
+        assert emu.clock.now >= emu.clock.stream_time(0)
+
+
 def test_functional_collectives_reach_the_process_group(symmetric):
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol

@@ -133,6 +133,53 @@ def test_work_on_two_streams_overlaps(emulate):
     assert _stream_time(emu, side.stream_id) == pytest.approx(5 * D)
 
 
+def test_a_stream_context_can_be_entered_again_and_nested(emulate):
+    emu = emulate(device={"aten::mm": D})
+    side, other = torch.cuda.Stream(), torch.cuda.Stream()
+    context = torch.cuda.stream(side)  # kept and entered every step, as SGLang's scheduler does
+    for _ in range(2):
+        with context:
+            assert torch.cuda.current_stream() == side
+            with torch.cuda.stream(other):
+                assert torch.cuda.current_stream() == other
+            assert torch.cuda.current_stream() == side
+            _mm()
+        assert torch.cuda.current_stream() != side
+    torch.cuda.synchronize()
+    assert _stream_time(emu, side.stream_id) == pytest.approx(2 * D)
+
+
+def test_engine_plumbing_a_cpu_build_lacks_works_under_emulation(emulate):
+    from torch.utils._device import _device_constructors
+
+    _device_constructors.cache_clear()  # as in a fresh process whose first device context is emulated
+    emulate(device={"aten::mm": D})
+    generator = torch.Generator(device="cuda")  # a CUDA generator needs the CUDA library
+    assert generator.device == torch.device("cuda", 0) and isinstance(generator, torch.Generator)
+    assert generator.manual_seed(7).initial_seed() == 7
+    weights = torch.empty(8, 8, device="cuda").uniform_(-1, 1, generator=generator)
+    assert weights.device.type == "cuda" and weights.shape == (8, 8)
+    assert torch.Generator().device == torch.device("cpu")
+    host = torch.zeros(4, dtype=torch.int64, pin_memory=True)  # no pinned allocator on a CPU-only build
+    assert host.tolist() == [0, 0, 0, 0]
+    with torch.device("cuda"):  # the factories, wrapped for pin_memory, still take the device context's
+        assert type(torch.empty(3)) is VTensor and type(torch.ones(2, 2)) is VTensor
+    ids = torch.ones(4, dtype=torch.int64, device="cuda")
+    ids.record_stream(torch.cuda.current_stream())  # the caching allocator's bookkeeping: accepted
+    host.copy_(ids, non_blocking=True)
+    torch.cuda.synchronize()
+    assert host.tolist() == [1, 1, 1, 1]
+
+
+def test_generator_and_factories_are_torch_s_own_outside_emulation(emulate):
+    emu = emulate()
+    emu.deactivate()
+    assert torch.Generator is torch._C.Generator
+    assert torch.empty is torch._C._VariableFunctions.empty
+    with pytest.raises(RuntimeError):
+        torch.Generator(device="cuda")
+
+
 def test_synchronize_brings_the_host_to_the_latest_stream(emulate):
     emu = emulate(device={"aten::mm": D})
     side = torch.cuda.Stream()
