@@ -421,11 +421,14 @@ _SPEC_EXAMPLE = """
         "  revati sweep sweep.toml --workers 4 --out runs/sweep-a     # rerun: only the points not done\n\n"
         "  revati sweep sweep.toml --backend ray                        # a local Ray instance\n\n"
         "  revati sweep sweep.toml --backend ray --ray-address head:6379\n\n"
-        "A spec (TOML):\n\n" + _SPEC_EXAMPLE.replace("\n", "\n\n")
+        "A spec (TOML):\n\n"
+        + "\n\n".join(escape(line) for line in _SPEC_EXAMPLE.strip("\n").splitlines() if line)
     ),
 )
 def sweep(
-    spec: Path = typer.Argument(..., help="The sweep spec (TOML): configuration, [grid], [slo], [prices]."),
+    spec: Path = typer.Argument(
+        ..., help="The sweep spec (TOML): configuration, \\[grid], \\[slo], \\[prices] (example below)."
+    ),
     backend: str = typer.Option("local", help="Where points run: local (a process pool) or ray."),
     ray_address: str | None = typer.Option(
         None, help="A Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a local Ray started for it)."

@@ -388,3 +388,10 @@ def test_an_interrupted_sweep_run_again_completes_only_the_missing_points(tmp_pa
         p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.parquet") if p.name in kept
     } == kept
     assert (out / "frontier.png").stat().st_size > 10_000
+
+
+def test_help_shows_the_spec_s_tables_with_their_brackets():
+    result = sweep_cli("--help")
+    assert result.exit_code == 0
+    for table in ("[grid]", "[grid.options]", "[slo]", "[prices]"):
+        assert table in result.output  # rich markup would otherwise swallow them as tags
