@@ -415,7 +415,13 @@ def run_point(
     try:
         return _run_point(point, trace_dir, timeout, ops, children or Children(), started)
     except Exception as e:  # a point that broke in an unforeseen way is a failed point, not a failed sweep
-        return _failure(point, "failed", f"{type(e).__name__}: {e}", started)
+        if "bootstrapping phase" in str(e):  # the fork server re-imported an unguarded main script
+            raise SweepError(
+                "a script that calls run_sweep needs its work under `if __name__ == '__main__':` (points are "
+                "forked from a server that imports the script's main module, as with any multiprocessing)"
+            ) from None
+        message = " ".join(str(e).split())
+        return _failure(point, "failed", f"{type(e).__name__}: {message[:500]}", started)
 
 
 def _run_point(point: Point, trace_dir: Path, timeout: float, ops: str, children: Children, started) -> dict:
@@ -446,7 +452,7 @@ def _run_point(point: Point, trace_dir: Path, timeout: float, ops: str, children
             return _failure(point, "failed", f"unreadable output: {said[-300:]!r}", started)
         figures["run_id"] = _run_id(trace_dir)
         return _row(point, "ok", None, figures, time.perf_counter() - started)
-    error = _error_line(complaint) or f"exit code {child.exitcode}"
+    error = _error_line(complaint, child.exitcode)
     return _failure(point, "oom" if "out of memory" in error else "failed", error, started)
 
 
@@ -515,13 +521,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _error_line(stderr: str) -> str | None:
-    """What the child said went wrong: its `revati:` message, else the last line of its traceback."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+def _error_line(stderr: str, exitcode: int | None) -> str:
+    """What went wrong in a point's process: its `revati:` message, else the exception its last traceback
+    ends with, else the signal that killed it or its exit code, with its last line of output."""
+    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
     said = [line for line in lines if line.startswith("revati:")]
     if said:
         return said[-1].removeprefix("revati:").strip()
-    return lines[-1][:500] if lines else None
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        ends = [line for line in lines[starts[-1] + 1 :] if not line.startswith(" ")]
+        if ends:
+            return ends[0][:500]
+    if exitcode is not None and exitcode < 0:
+        how = f"killed by {signal.Signals(-exitcode).name}"
+    else:
+        how = f"exit code {exitcode}"
+    return f"{how}; its last output: {lines[-1][:300]}" if lines else how
 
 
 def _failure(point: Point, status: str, error: str, started: float) -> dict:
@@ -637,7 +653,8 @@ def run_sweep(
     on_start: Callable[[int, int], None] | None = None,
 ) -> SweepRun:
     """Run the points of `spec` not already done under `out`; write results.parquet and frontier.png, and
-    return the results."""
+    return the results. From a script, call it under `if __name__ == "__main__":` (points are forked from
+    a server that imports the main module)."""
     todo = points(spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "points").mkdir(exist_ok=True)
