@@ -95,7 +95,7 @@ class Point:
     params: dict  # axis → value, the grid's coordinates of this point
     config: dict  # the emulation: _CONFIG keys plus 'options'
 
-    @property
+    @functools.cached_property  # taken once: it stats the files the configuration names
     def point_id(self) -> str:
         """Stable across runs: a hash of the emulation's configuration, not of its position in the grid nor of
         where the files it names lie (a file counts by its name and contents)."""
@@ -246,13 +246,13 @@ def _check(spec: SweepSpec) -> None:
     todo = points(spec)
     for key in ("model", "profile", "workload"):  # as the points name them: files found beside the spec
         values[key] = list(dict.fromkeys(p.config[key] for p in todo))
+    names = {
+        *spec.base["options"],
+        *(k.removeprefix("options.") for k in spec.grid if k.startswith("options.")),
+    }
     for engine in values["engine"]:
         if engine not in ENGINES:
             raise SpecError(f"{where}: unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
-        names = {
-            *spec.base["options"],
-            *(k.removeprefix("options.") for k in spec.grid if k.startswith("options.")),
-        }
         unknown = sorted(names - engine_options(engine).keys())
         if unknown:
             raise SpecError(
@@ -666,9 +666,7 @@ def run_sweep(
     started = time.perf_counter()
 
     def record(row: dict) -> None:
-        write_atomically(
-            pa.Table.from_pylist([row], schema=POINT), out / "points" / f"{row['point_id']}.parquet"
-        )
+        write_atomically(pa.Table.from_pylist([row], schema=POINT), _point_file(out, row["point_id"]))
         if on_point is not None:
             on_point(row)
 
@@ -683,9 +681,7 @@ def run_sweep(
                     _run_local(pending, out, spec, workers, record)
             except KeyboardInterrupt:
                 finished = (
-                    len(todo)
-                    - len(pending)
-                    + sum((out / "points" / f"{p.point_id}.parquet").exists() for p in pending)
+                    len(todo) - len(pending) + sum(_point_file(out, p.point_id).exists() for p in pending)
                 )
                 raise Interrupted(finished, len(todo)) from None
             finally:
@@ -698,6 +694,11 @@ def run_sweep(
     run = SweepRun(spec, out, results, len(pending), len(todo) - len(pending), time.perf_counter() - started)
     frontier_plot(run, out / "frontier.png")
     return run
+
+
+def _point_file(out: Path, point_id: str) -> Path:
+    """Where a finished point's row lies: its presence is what makes the point done."""
+    return out / "points" / f"{point_id}.parquet"
 
 
 def _done(out: Path, retry_failed: bool) -> set[str]:
@@ -844,7 +845,7 @@ def _results(spec: SweepSpec, out: Path, todo: list[Point]) -> pa.Table:
     """This spec's rows, in grid order, judged against its SLOs and prices, the frontier marked."""
     rows = []
     for p in todo:
-        path = out / "points" / f"{p.point_id}.parquet"
+        path = _point_file(out, p.point_id)
         if path.exists():
             row = pq.read_table(path).to_pylist()[0]
             row.update(index=p.index, params=json.dumps(p.params, sort_keys=True))  # this spec's numbering
