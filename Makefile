@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: emulate test test-slow lint format bench bench-sweep accuracy clean
+.PHONY: emulate test test-slow test-sglang sglang-venv lint format bench bench-sweep accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,33 @@ test: $(STAMP)  ## lint + the default test suite (no GPU needed)
 
 test-slow: $(STAMP)  ## the slow-marked tests
 	$(VENV)/bin/pytest -q -m slow
+
+# SGLang under emulation lives in a venv of its own: SGLang installed without its dependencies (they pin
+# CUDA builds of torch and its CUDA kernel wheel, which loads a CUDA library at import), then the
+# pure-Python ones it imports; the GPU-only ones are stand-ins (replayer/standins).
+SGL_VENV := .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.installed
+SGL_NO_DEPS := sglang==0.5.23 compressed-tensors==0.18.0 xgrammar==0.2.7
+SGL_DEPS := transformers==5.19.0 tokenizers==0.23.2 triton==3.8.0 apache-tvm-ffi==0.1.11 \
+	sentencepiece==0.2.1 openai==2.8.0 aiohttp==3.14.5 dill==0.4.1 einops==0.8.2 fastapi==0.165.0 \
+	gguf==0.19.0 ipython==9.18.1 loguru==0.7.3 msgspec==0.22.0 orjson==3.13.0 \
+	partial-json-parser==0.2.1.1.post7 pillow==13.0.0 psutil==7.2.2 pybase64==1.5.1 pyzmq==27.3.0 \
+	requests==2.34.2 setproctitle==1.3.8 uvicorn==0.54.0 uvloop==0.23.0 cuda-python==13.4.4 \
+	opentelemetry-api==1.45.2
+
+$(SGL_STAMP): pyproject.toml Makefile
+	test -x $(SGL_VENV)/bin/python || python3 -m venv $(SGL_VENV)
+	$(SGL_VENV)/bin/pip install -q torch==2.13.0
+	$(SGL_VENV)/bin/pip install -q --no-deps $(SGL_NO_DEPS)
+	$(SGL_VENV)/bin/pip install -q $(SGL_DEPS)
+	$(SGL_VENV)/bin/pip install -q -e '.[dev]'
+	$(SGL_VENV)/bin/python -m replayer.native
+	touch $(SGL_STAMP)
+
+sglang-venv: $(SGL_STAMP)  ## .venv-sglang: SGLang, GPU-free (run .venv-sglang/bin/revati emulate --engine sglang)
+
+test-sglang: $(SGL_STAMP)  ## SGLang's own engine under emulation (slow: minutes)
+	$(SGL_VENV)/bin/pytest -q -m sglang tests/test_sglang.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -45,4 +72,4 @@ accuracy: $(STAMP)  ## end-to-end accuracy on held-out CPU workloads (~25 min on
 	$(PY) benchmarks/accuracy.py --out runs/accuracy
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SGL_VENV) build *.egg-info

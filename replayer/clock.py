@@ -26,8 +26,11 @@ _GRACE = 1.0
 # Real time (s) after which a silent actor counts as blocked where the emulator cannot see (a C-level
 # lock, a socket): a safety net against deadlock, counted in `stalls`.
 _ACTOR_GRACE = 10.0
-# Real time (s) between re-checks of a blocked thread.
+# Real time (s) between re-checks of a blocked thread; shorter when other processes share the time
+# (replayer.tree), since a jump or a message from them is seen only at a re-check.
 _POLL = 0.01
+_TREE_POLL = 0.001
+_TREE_RECHECK = 0.05  # real seconds between decisions on a shared time that has not changed
 
 _real_monotonic = time.monotonic
 _get_ident = threading.get_ident
@@ -114,6 +117,9 @@ class Clock:
         self.pending: dict[int, Pending] = {}  # streams behind a collective that other ranks decide
         self._held = 0  # threads inside slow emulator work (see `hold`)
         self._starting = 0  # threads being started: not registered yet, but about to run
+        self.tree = None  # replayer.tree.Tree: the time shared with an engine's other processes
+        self._tree_seen = (-1, 0.0)  # the tree's change count and the real time at our last decision
+        self.worked = False  # some thread launched device work
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -129,6 +135,8 @@ class Clock:
         st = _Thread(thread, last_contact=_real_monotonic())
         st.last_exit = st.last_contact
         self._threads[ident] = st
+        if self.tree is not None:
+            self.tree.busy()
         return st
 
     def start_thread(self, thread: threading.Thread, real_start) -> None:
@@ -170,7 +178,11 @@ class Clock:
             return self._time_of(st)
 
     def _time_of(self, st: _Thread) -> float:
-        return st.local if st.local is not None and not st.actor else self.now
+        t = st.local if st.local is not None and not st.actor else self.now
+        if self.tree is not None and not st.actor:
+            # an observer also sees what other processes made visible (a front end waiting on an engine)
+            t = max(t, self.tree.now())
+        return t
 
     def thread_now(self) -> float:
         """The calling thread's virtual time: its wake-up instant for an observer, else host time."""
@@ -243,6 +255,7 @@ class Clock:
             if me.woken:
                 self._let_woken_run(me)
             me.actor = True
+            self.worked = True
             me.last_contact = _real_monotonic()  # a launching actor is busy, not stalled (_ACTOR_GRACE)
             host = self.now
             stream = me.stream
@@ -372,11 +385,12 @@ class Clock:
         """Block the calling thread until host time has advanced by `seconds`."""
         self.block(self.thread_now() + max(0.0, seconds), None)
 
-    def block(self, deadline: float | None, wake: threading.Lock | None, poll=None) -> bool:
+    def block(self, deadline: float | None, wake: threading.Lock | None, poll=None, wait=None) -> bool:
         """Block until `deadline` (virtual; None = no deadline) or until `wake` is released by a notifier.
 
         `poll`, called now and then, ends the wait early when it returns True (an event loop's sockets).
-        Returns False when the deadline passed first.
+        `wait(seconds)`, a real wait that returns True when ready (a socket poll), ends it the moment the
+        awaited thing comes. Returns False when the deadline passed first.
         """
         with self._cv:
             me = self._me()
@@ -399,9 +413,17 @@ class Clock:
             _notify_all(self._cv)  # a handing-off actor may be waiting for us to block
             self._maybe_jump()
         lock = me.wake
+        pause = _POLL if self.tree is None else _TREE_POLL
         while True:
-            if lock.acquire(timeout=_POLL):
+            if wait is None:
+                if lock.acquire(timeout=pause):
+                    break
+            elif lock.acquire(False):
                 break
+            elif wait(pause):
+                with self._cv:
+                    self._wake(me, timed_out=False)
+                continue
             with self._cv:
                 if not me.blocked:  # woken, lock about to be released
                     continue
@@ -425,6 +447,8 @@ class Clock:
                     st.blocked = False
                     st.last_contact = _real_monotonic()
                     st.local = self._time_of(me) if me is not None else self.now
+                    if self.tree is not None:
+                        self.tree.busy()
                     if me is not None and me.actor and st is not me:
                         # An actor woke it (a token handed to a server loop): the woken thread runs at
                         # this virtual time, before the actor's next launch moves the clock on.
@@ -433,6 +457,9 @@ class Clock:
     def _wake(self, st: _Thread, timed_out: bool) -> None:
         if not st.blocked:
             return
+        if self.tree is not None:
+            self.now = max(self.now, self.tree.now())
+            self.tree.busy()
         st.blocked, st.timed_out = False, timed_out
         st.last_contact = _real_monotonic()
         st.local = max(st.deadline, self.now) if timed_out and st.deadline is not None else self.now
@@ -452,8 +479,15 @@ class Clock:
             self._held -= 1
             self._me().last_contact = _real_monotonic()
 
+    def observe(self, t: float) -> None:
+        """Another process made instant `t` visible to this one (a message it sent)."""
+        with self._cv:
+            self.now = max(self.now, t)
+
     def _maybe_jump(self) -> None:
         """With the lock held: if nobody can make progress, jump to the earliest deadline."""
+        if self.tree is not None and self._wake_due():
+            return
         if self._starting or self._held:
             return
         now_real = _real_monotonic()
@@ -468,6 +502,19 @@ class Clock:
             stalled.append(st.thread.name)
         while self._heap and self._heap[0].cancelled:
             heapq.heappop(self._heap)
+        if self.tree is not None:  # every thread here waits: the processes sharing the time decide
+            # Deciding takes the shared lock; a re-check while nothing changed is only a safety net.
+            checked = _real_monotonic()
+            if self.tree.changes() == self._tree_seen[0] and checked - self._tree_seen[1] < _TREE_RECHECK:
+                return
+            t = self.tree.idle(self.now, self._heap[0].deadline if self._heap else float("inf"))
+            self._tree_seen = (self.tree.changes(), checked)
+            if t > self.now:
+                self.jumps += 1
+                self.jumped += t - self.now
+                self.now = t
+            self._wake_due()
+            return
         if not self._heap:
             return
         s = heapq.heappop(self._heap)
@@ -480,6 +527,19 @@ class Clock:
             self.stalled_threads.update(stalled)
         self._wake(s.state, timed_out=True)
         _notify_all(self._cv)
+
+    def _wake_due(self) -> bool:
+        """With the lock held, in a shared time: take up the shared time and wake the sleepers it passed."""
+        self.now = max(self.now, self.tree.now())
+        woke = False
+        while self._heap and (self._heap[0].cancelled or self._heap[0].deadline <= self.now):
+            s = heapq.heappop(self._heap)
+            if not s.cancelled:
+                self._wake(s.state, timed_out=True)
+                woke = True
+        if woke:
+            _notify_all(self._cv)
+        return woke
 
 
 def _held_lock() -> threading.Lock:

@@ -116,12 +116,18 @@ class Dispatcher:
         self.launch = emu.clock.launch
         self.cache: dict[tuple, Signature] = {}
         self.signatures: list[Signature] = []
+        self.unfitted: set[str] = set()  # op keys priced without a model fitted for them (family, roofline)
         self._schemas: dict[OpOverload, tuple] = {}
         self.ops = 0
         self.misses = 0
         self.value_ops = 0
 
     # -- entry points ----------------------------------------------------------------------------
+
+    def _priced(self, key: str, dtype, duration: float) -> None:
+        fits = getattr(self.emu.cost, "fits", None)  # a fitted profile says; the roofline fits nothing
+        if duration > 0 and (fits is None or not fits(key, dtype)):
+            self.unfitted.add(key)
 
     def dispatch(self, func: OpOverload, args: tuple, kwargs: dict | None) -> Any:
         """Every op on a virtual tensor: a few have their own rules, the rest take the generic path."""
@@ -288,6 +294,7 @@ class Dispatcher:
         dtype = op_dtype(margs, mkwargs)
         cost = self.emu.cost
         duration = cost.device_time(key, features, dtype)  # 0 for an op that launches no kernel
+        self._priced(key, dtype, duration)
         value_ok = all(
             o is None or o[0] == "const" or value_allowed(m.dtype, m.numel())
             for o, m in zip(outs, mouts, strict=True)
@@ -425,6 +432,7 @@ class Dispatcher:
         dtype = op_dtype(args, kwargs)
         cost = self.emu.cost
         duration = cost.device_time(key, features, dtype)
+        self._priced(key, dtype, duration)
         sig = Signature(
             key=key, duration=duration, host=_host_cost(cost, key, duration, self.emu.clock.wall),
             outs=[], kind=None, mutated=(), names=[], value_ok=True, fast=None, fast_view=None,

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from replayer import timewarp
+from replayer import timewarp, tree
 
 SITE_DIR = Path(__file__).parent / "site"
 _real_perf_counter = time.perf_counter  # bound before the emulator virtualizes `time`
 _real_monotonic = time.monotonic
 OWNER_ENV = "REVATI_RANK_PROCESS"  # the pid of the process that is the rank (its helpers only emulate)
 ENV_FLAG = "REVATI_EMULATE"
+PROFILE_ENV = "REVATI_PROFILE"  # the fitted profile that prices the ops; unset or "roofline": the roofline
 
 
 @dataclass
@@ -158,11 +159,39 @@ def collect(results: Path) -> list[RankResult]:
     """The figures the ranks wrote, in rank order."""
     rows = []
     for path in sorted(results.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])):
-        rows.append(RankResult(**json.loads(path.read_text())))
+        row = json.loads(path.read_text())
+        rows.append(RankResult(**{k: v for k, v in row.items() if k in RankResult.__dataclass_fields__}))
     return rows
 
 
 # -- inside a rank -----------------------------------------------------------------------------------
+
+
+def worker_environment(
+    gpu: str,
+    profile: str | None,
+    host_time: str,
+    results: Path,
+    shared_time: Path,
+    paths: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """The environment under which the processes an engine starts itself are emulated (sitecustomize), as rank
+    0 of 1, sharing one virtual time (replayer.tree) with the process that sets it; each writes its figures
+    to `results`/process-PID.json. `paths` go on PYTHONPATH after the site directory."""
+    return {
+        ENV_FLAG: "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "REVATI_GPU": gpu,
+        PROFILE_ENV: profile or "roofline",
+        "REVATI_HOST_TIME": host_time,
+        "REVATI_RESULTS": str(results),
+        tree.ENV: str(shared_time),
+        timewarp.BASES_ENV: json.dumps(timewarp.clock_bases()),  # one time.time() in every process
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE_DIR), *paths, os.environ.get("PYTHONPATH")])),
+    }
 
 
 def activate_from_env() -> None:
@@ -171,6 +200,7 @@ def activate_from_env() -> None:
     from replayer.session import Emulator
     from revati.cost import Roofline
     from revati.hardware import gpu
+    from revati.profile import Profile
 
     rank = int(os.environ["RANK"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -185,42 +215,59 @@ def activate_from_env() -> None:
         )
     )
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    profile = os.environ.get(PROFILE_ENV)
     emu = Emulator(
         spec,
-        Roofline(spec),
+        Roofline(spec) if profile in (None, "", "roofline") else Profile.read(Path(profile)).on(spec),
         host_time=os.environ.get("REVATI_HOST_TIME", "deterministic"),
         ops="none",
         device_count=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         device_index=local,
     )
     emu.activate()
+    shared = os.environ.get(tree.ENV)
     started = _real_perf_counter()
-    # Python processes the rank starts inherit its environment and are emulated too; only the rank reports.
+    # Python processes the rank starts inherit its environment and are emulated too; only the rank reports,
+    # unless they share one time (an engine's processes: replayer.tree), where each reports for itself.
     owner = os.environ.setdefault(OWNER_ENV, str(os.getpid())) == str(os.getpid())
-    results = os.environ.get("REVATI_RESULTS") if owner else None
+    results = os.environ.get("REVATI_RESULTS") if owner or shared else None
+    name = f"process-{os.getpid()}.json" if shared else f"rank-{rank}.json"
 
-    def report() -> None:
-        import torch
-
+    def figures() -> dict:
         topo = distributed.topology()
-        try:
-            torch.cuda.synchronize()  # the rank's last work, and the collectives it waits for
-        except Exception:  # noqa: BLE001 - a rank that failed still reports what it had
-            pass
-        row = {
+        return {
             "rank": rank,
+            "pid": os.getpid(),
             "virtual_seconds": emu.clock.now,
             "collectives": topo.collectives,
             "waited": topo.waited,
             "ops": emu.dispatcher.ops,
+            "op_signatures": len(emu.dispatcher.signatures),
             "peak_memory": emu.allocator.peak,
+            "synthesized": emu.synthesized(),
+            "unfitted": sorted(emu.dispatcher.unfitted),
+            "clock_stalls": emu.clock.stalls,
             "wall_seconds": _real_perf_counter() - started,
         }
-        emu.deactivate()
+
+    def write(row: dict) -> None:
         if results:
-            path = Path(results) / f"rank-{rank}.json"
+            path = Path(results) / name
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(row))
             tmp.replace(path)
 
+    def report() -> None:
+        import torch
+
+        try:
+            torch.cuda.synchronize()  # the rank's last work, and the collectives it waits for
+        except Exception:  # noqa: BLE001 - a rank that failed still reports what it had
+            pass
+        row = figures()
+        emu.deactivate()
+        write(row)
+
+    if shared:  # an engine's worker: killed at shutdown with no atexit, it reports as it goes (Tree.join)
+        emu.share_time(tree.Tree.join(Path(shared), report=lambda: write(figures())))
     atexit.register(report)

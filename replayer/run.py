@@ -11,13 +11,14 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from replayer import distributed
+from replayer import distributed, sglang
 from replayer.session import Emulator
 from revati.cost import CostModel
 from revati.hardware import GpuSpec
@@ -61,6 +62,8 @@ class EmulationResult:
     trace_dir: Path | None
     cost_model: str
     clock_stalls: int = 0  # times the clock moved on a real-time guess (a thread blocked where it cannot see)
+    processes: int = 1  # emulated processes (an engine's own: replayer.sglang), figures summed over them
+    unfitted: list[str] = field(default_factory=list)  # op keys priced without a model of their own
 
     @property
     def warp(self) -> float:
@@ -99,11 +102,21 @@ def emulate(
     on_model: Callable[[int], None] | None = None,
 ) -> EmulationResult:
     """Serve `workload` with `config.engine` on a virtual `spec` GPU priced by `cost`; trace to `out`."""
-    from revati.engines import engine_options, run_engine
+    from revati.engines import OWN_MODEL, engine_options, run_engine
+    from revati.models import param_bytes
 
     options = dict(config.options)
     if spec.key == "cpu" and "size_for_workload" in engine_options(config.engine):
         options.setdefault("size_for_workload", True)  # serve as the recorded CPU did, not from "free memory"
+    own_model = config.engine in OWN_MODEL  # built by the engine, in a process of its own
+    processes = contextlib.nullcontext()
+    if own_model:
+        if config.tp > 1:
+            raise ValueError(
+                f"engine {config.engine!r} is emulated at tensor parallelism 1 only, not {config.tp}"
+            )
+        options = {**sglang.EMULATED, "dtype": config.dtype, **options}
+        processes = sglang.environment(spec.key, config.profile, config.host_time)
 
     emu = Emulator(
         spec,
@@ -115,9 +128,14 @@ def emulate(
     )
     started = time.time()
     writer = None
-    with emu, _tp_world(config.tp, spec, init=True):
-        model = _build(emu, model_config, _dtype(config.dtype), config.tp)
-        weights = emu.allocator.allocated
+    with processes as results_dir, emu, _tp_world(config.tp, spec, init=True):
+        if own_model:  # the weights live in the engine's scheduler process: their size as computed
+            sglang.join(emu)
+            model = model_config
+            weights = param_bytes(model_config, _dtype(config.dtype))
+        else:
+            model = _build(emu, model_config, _dtype(config.dtype), config.tp)
+            weights = emu.allocator.allocated
         if on_model is not None:
             on_model(weights)
         if out is not None:  # opened once the weights fit: a model that cannot load leaves no trace behind
@@ -140,20 +158,27 @@ def emulate(
                 writer.close(complete=False)
             raise
         del model
+        children = sglang.children(results_dir) if own_model else []
+        shared_stalls = emu.clock.tree.total_stalls() if emu.clock.tree is not None else 0
     metrics = summarize(results)
+    synthesized = Counter(emu.synthesized())
+    for child in children:
+        synthesized.update(child["synthesized"])
     result = EmulationResult(
         results=results,
         metrics=metrics,
         virtual_seconds=virtual,
         wall_seconds=wall,
-        peak_memory=emu.allocator.peak,
+        peak_memory=max([emu.allocator.peak] + [c["peak_memory"] for c in children]),
         weights_memory=weights,
-        synthesized=emu.synthesized(),
-        ops=emu.dispatcher.ops,
-        op_signatures=len(emu.dispatcher.signatures),
+        synthesized=dict(synthesized),
+        ops=emu.dispatcher.ops + sum(c["ops"] for c in children),
+        op_signatures=len(emu.dispatcher.signatures) + sum(c["op_signatures"] for c in children),
         trace_dir=out,
         cost_model=cost.describe(),
-        clock_stalls=emu.clock.stalls,
+        clock_stalls=emu.clock.stalls + sum(c["clock_stalls"] for c in children) + shared_stalls,
+        processes=1 + len(children),
+        unfitted=sorted(set(emu.dispatcher.unfitted).union(*(c.get("unfitted", []) for c in children))),
     )
     if writer is not None:
         writer.append("ops", emu.take_op_rows())
@@ -166,6 +191,8 @@ def emulate(
             "peak_memory": result.peak_memory,
             "synthesized": result.synthesized,
             "clock_stalls": result.clock_stalls,
+            "processes": result.processes,
+            "unfitted": result.unfitted,
             "serving_origin": emu.origin,
             "options": options,  # as served: with what the emulated device added (size_for_workload)
             "wall_leak_us": emu.clock.leak * 1e6,

@@ -150,6 +150,16 @@ class Emulator:
         timewarp.install(self, self._patch)
         self.active = True
 
+    def share_time(self, tree) -> None:
+        """Share virtual time with an engine's other processes (replayer.tree), counting the ZeroMQ messages
+        between them (replayer.sockets); undone by `deactivate`."""
+        from replayer import sockets
+
+        self.clock.tree = tree
+        self.clock.observe(tree.now())
+        sockets.install(self, tree, self._patch)
+        self._patch.on_restore(lambda: setattr(self.clock, "tree", None))
+
     def deactivate(self) -> None:
         global _CURRENT
         self.active = False

@@ -144,8 +144,18 @@ def install(emu: Emulator, patch: Patcher) -> None:
     # Python one waits on a condition, in virtual time. Queues made while emulating get it.
     patch.set(queue, "SimpleQueue", queue._PySimpleQueue)
     old_policy = asyncio.get_event_loop_policy()
-    patch.on_restore(lambda: asyncio.set_event_loop_policy(old_policy))
-    asyncio.set_event_loop_policy(_VirtualPolicy(emu))
+    real_set_policy = asyncio.set_event_loop_policy
+    patch.on_restore(lambda: real_set_policy(old_policy))
+    real_set_policy(_VirtualPolicy(emu))
+
+    def set_event_loop_policy(policy):
+        # Serving code that installs its own loop policy (SGLang: uvloop, at import) still gets virtual loops:
+        # a uvloop loop waits and reads time in C, where the time warp cannot reach.
+        if isinstance(policy, _VirtualPolicy):
+            real_set_policy(policy)
+
+    patch.set(asyncio, "set_event_loop_policy", set_event_loop_policy)
+    patch.set(asyncio.events, "set_event_loop_policy", set_event_loop_policy)
 
 
 class _Loopback:

@@ -132,6 +132,8 @@ def emulate(
         plan["options"] = _engine_options(engine, option)
         plan["tp"] = tp
         _check_tp(plan["model_config"], tp)
+        if tp > 1 and engine == "sglang":
+            raise BadInput(f"--tp {tp}: the sglang engine is emulated at tensor parallelism 1 for now")
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
     _run_emulation(plan, ops, as_json)
@@ -618,13 +620,18 @@ def _record_plan(engine, model, device, workload_spec, out, runs, warmup, dtype)
     import torch
 
     from recorder.run import output_dirs
-    from revati.engines import ENGINES
+    from revati.engines import ENGINES, OWN_MODEL
     from revati.models import load_config, param_bytes
     from revati.schema import TraceError
     from revati.workloads import parse_workload
 
     if engine not in ENGINES:
         raise BadInput(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    if engine in OWN_MODEL:
+        raise BadInput(
+            f"revati record --engine {engine} is not built yet: the recorder captures ops in its own "
+            f"process, and {engine} computes in a scheduler process of its own"
+        )
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise BadInput(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
     try:
@@ -836,6 +843,18 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _check_installed(engine: str) -> None:
+    """Engines with requirements of their own (SGLang) say how to get them."""
+    import importlib.util
+
+    if engine == "sglang" and importlib.util.find_spec("sglang") is None:
+        raise BadInput(
+            "the sglang engine needs SGLang, which this Python environment lacks: `make sglang-venv` builds "
+            ".venv-sglang with it (CPU torch, SGLang without its CUDA kernels); then run "
+            ".venv-sglang/bin/revati emulate --engine sglang ..."
+        )
+
+
 def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype) -> dict:
     """Validate every input before anything is built or written."""
     from revati.engines import ENGINES
@@ -844,6 +863,7 @@ def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype
 
     if engine not in ENGINES:
         raise BadInput(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    _check_installed(engine)
     _check_host_time(host_time)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise BadInput(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
@@ -1017,6 +1037,8 @@ def _figures(result, plan) -> dict:
         ops=result.ops,
         op_signatures=result.op_signatures,
         clock_stalls=result.clock_stalls,
+        processes=result.processes,
+        unfitted_ops=result.unfitted,
         trace=str(result.trace_dir) if result.trace_dir else None,
     )
     return figures
@@ -1055,7 +1077,8 @@ def _print_table(f: dict, plan) -> None:
             f"{f['peak_memory_gib']:.2f} GiB (weights {f['weights_memory_gib']:.2f} GiB)",
         ),
         ("synthesized values", f"{f['synthesized_values']} {_synth(f['synthesized'])}"),
-        ("ops", f"{f['ops']:,} ({f['op_signatures']:,} distinct signatures)"),
+        ("ops", f"{f['ops']:,} ({f['op_signatures']:,} distinct signatures)" + _processes(f)),
+        ("not fitted", _unfitted(f)),
         ("clock stalls", f"{f['clock_stalls']} (virtual time moved on a real-time guess; 0 is exact)"),
         ("cost model", f["cost_model"]),
         ("trace", f["trace"] or "-"),
@@ -1063,6 +1086,20 @@ def _print_table(f: dict, plan) -> None:
     for k, v in rows:
         summary.add_row(k, v)
     out_console.print(summary)
+
+
+def _processes(f: dict) -> str:
+    n = f.get("processes", 1)
+    return f" in {n} processes" if n > 1 else ""
+
+
+def _unfitted(f: dict) -> str:
+    """Op keys priced by a family model or the roofline: where the cost model guesses."""
+    keys = f.get("unfitted_ops") or []
+    if not keys:
+        return "none (every op priced by a model fitted for it)"
+    shown = ", ".join(k.removeprefix("aten::") for k in keys[:8])
+    return f"{len(keys)} op keys ({shown}{', ...' if len(keys) > 8 else ''})"
 
 
 def _synth(d: dict) -> str:

@@ -226,6 +226,12 @@ class Profile:
             seconds = fixed + (seconds - fixed) * self._scale(key, features, dtype)
         return seconds
 
+    def fits(self, key: str, dtype: torch.dtype | str | None) -> bool:
+        """Whether the op's device time comes from a model fitted for the op itself (not its family's model,
+        not the roofline)."""
+        models = self._device_models
+        return (key, _dtype_name(dtype)) in models or (key, "unknown") in models
+
     def host_time(self, key: str, engine: str | None = None) -> float:
         """Seconds of host time to issue the op (less its device time on a synchronous device): as fitted
         for the serving engine (`serving`), else for any engine, else the median op."""

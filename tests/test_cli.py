@@ -298,3 +298,20 @@ def test_serving_options_given_with_a_script_are_refused_not_ignored(tmp_path):
     result = CliRunner().invoke(app, ["emulate", "--model", "tiny-llama", "--", "python", str(script)])
     assert result.exit_code == 2
     assert "--model does not apply to a script run" in result.output
+
+
+def test_sglang_without_sglang_installed_says_how_to_get_it_and_records_are_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = lambda name, *a: None if name == "sglang" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    runner = CliRunner()
+    result = runner.invoke(app, ["emulate", "--engine", "sglang", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2
+    assert "make sglang-venv" in result.output and not (tmp_path / "e").exists()
+    record = runner.invoke(
+        app, ["record", "--device", "cpu", "--engine", "sglang", "--out", str(tmp_path / "r")]
+    )
+    assert record.exit_code == 2
+    assert "not built yet" in record.output and not (tmp_path / "r").exists()

@@ -16,18 +16,21 @@ from collections.abc import Callable, Sequence
 
 from transformers import PreTrainedModel
 
-from revati.engines import hf_cb, hf_generate, hf_serve
+from revati.engines import hf_cb, hf_generate, hf_serve, sglang
 from revati.engines.observer import Observer
 from revati.metrics import RequestResult
 from revati.workloads import Request
 
-__all__ = ["ENGINES", "Observer", "engine_options", "run_engine"]
+__all__ = ["ENGINES", "OWN_MODEL", "Observer", "engine_options", "run_engine"]
 
 ENGINES: dict[str, Callable[..., list[RequestResult]]] = {
     "hf-generate": hf_generate.run,
     "hf-cb": hf_cb.run,
     "hf-serve": hf_serve.run,
+    "sglang": sglang.run,
 }
+# Engines that build the model themselves, in a process of their own: they take the model's config.
+OWN_MODEL = {"sglang"}
 
 _COMMON = {"model", "requests", "observer", "on_result"}
 
@@ -47,7 +50,8 @@ def run_engine(
     on_result: Callable[[RequestResult], None] | None = None,
     **options,
 ) -> list[RequestResult]:
-    """Serve `requests` with engine `name` ('hf-generate', 'hf-cb', 'hf-serve'); results in request order."""
+    """Serve `requests` with engine `name` ('hf-generate', 'hf-cb', 'hf-serve', 'sglang'); results in request
+    order. `model` is a built model, or for the engines in OWN_MODEL its config."""
     accepted = engine_options(name)
     unknown = sorted(options.keys() - accepted.keys())
     if unknown:

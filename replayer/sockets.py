@@ -1,0 +1,105 @@
+"""ZeroMQ between emulated processes: messages counted on the shared time, waits in virtual time.
+
+Engines that run in several processes (SGLang: front end, scheduler, detokenizer) talk over ZeroMQ PUSH /
+PULL sockets. Under a shared time (replayer.tree) every message on such a socket is counted from send to
+receipt, blocking receives and pollers wait on the virtual clock (so an idle process lets time jump), and a
+process that launches device work waits after each send until the others are quiet (tree.wait_quiet).
+Sockets of other kinds pass through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replayer.session import Emulator, Patcher
+    from replayer.tree import Tree
+
+
+# Real seconds a message counted as sent may take to become readable.
+_LANDING = 1.0
+
+
+def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
+    """Patch pyzmq's Socket and Poller for this process (nothing if pyzmq is not installed)."""
+    try:
+        import zmq
+    except ImportError:
+        return
+    from zmq.backend import zmq_poll
+
+    clock = emu.clock
+    channels: dict[int, str] = {}  # socket handle → endpoint, for PUSH and PULL sockets
+    sock_cls = zmq.Socket
+    real_bind, real_connect = sock_cls.bind, sock_cls.connect
+    real_send, real_recv = sock_cls.send, sock_cls.recv
+    real_poll = zmq.Poller.poll
+
+    def remember(sock, addr) -> None:
+        kind = sock.socket_type
+        if kind in (zmq.PUSH, zmq.PULL):
+            addr = addr.decode() if isinstance(addr, bytes) else str(addr)
+            channels[sock.underlying] = addr
+            if kind == zmq.PULL:
+                tree.reads(addr)
+
+    def bind(self, addr):
+        result = real_bind(self, addr)
+        remember(self, addr)
+        return result
+
+    def connect(self, addr):
+        result = real_connect(self, addr)
+        remember(self, addr)
+        return result
+
+    def send(self, data, flags=0, copy=True, track=False, **kwargs):
+        addr = channels.get(self.underlying) if self.socket_type == zmq.PUSH else None
+        if addr is None or flags & zmq.SNDMORE:
+            return real_send(self, data, flags, copy=copy, track=track, **kwargs)
+        tree.sent(addr, clock.thread_now())  # counted before it can arrive
+        try:
+            result = real_send(self, data, flags, copy=copy, track=track, **kwargs)
+        except BaseException:
+            tree.received(addr)  # not sent after all
+            raise
+        if clock.worked:
+            tree.wait_quiet()
+        return result
+
+    def recv(self, flags=0, copy=True, track=False):
+        addr = channels.get(self.underlying) if self.socket_type == zmq.PULL else None
+        if addr is None:
+            return real_recv(self, flags, copy=copy, track=track)
+        ready = lambda s: bool(zmq_poll([(self, zmq.POLLIN)], int(s * 1000) or 1))
+        if self.rcvmore:
+            pass
+        elif not flags & zmq.NOBLOCK and self.rcvtimeo < 0:
+            clock.block(None, None, wait=ready)
+        elif clock.worked:
+            # A device-owning process looks for messages at its time: the others act on what they were due
+            # to do by then (a front end sends the requests that have arrived) before it looks.
+            tree.publish(clock.thread_now())
+            tree.wait_quiet()
+            if tree.in_flight_to(addr):
+                ready(_LANDING)  # sent, so about to be readable
+        frame = real_recv(self, flags, copy=copy, track=track)
+        if not self.rcvmore:
+            clock.observe(tree.received(addr))
+        return frame
+
+    def poll(self, timeout=None):
+        if timeout == 0:
+            return real_poll(self, 0)
+        ready = real_poll(self, 0)
+        if ready:
+            return ready
+        deadline = None if timeout is None or timeout < 0 else clock.thread_now() + timeout / 1000
+        clock.block(deadline, None, wait=lambda s: bool(real_poll(self, int(s * 1000) or 1)))
+        return real_poll(self, 0)
+
+    patch.set(sock_cls, "bind", bind)
+    patch.set(sock_cls, "connect", connect)
+    patch.set(sock_cls, "send", send)
+    patch.set(sock_cls, "recv", recv)
+    patch.set(zmq.Poller, "poll", poll)

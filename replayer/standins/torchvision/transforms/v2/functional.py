@@ -1,0 +1,1 @@
+# Imported as `tvF` by transformers' image processors; no attribute is read at import.

@@ -1,0 +1,60 @@
+"""SGLang's own engine under emulation (make test-sglang: needs .venv-sglang, see the Makefile)."""
+
+import pytest
+
+pytest.importorskip("sglang")
+
+import torch  # noqa: E402
+
+from replayer.run import EmulationConfig, emulate  # noqa: E402
+from revati.cost import Roofline  # noqa: E402
+from revati.hardware import gpu  # noqa: E402
+from revati.models import load_config, param_bytes  # noqa: E402
+from revati.workloads import Request, Workload  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.sglang]
+
+# A tiny model: SGLang's defaults size its buffers for thousands of requests of the model's full context.
+OPTIONS = {"max_total_tokens": 4096, "max_running_requests": 16, "mem_fraction_static": 0.5}
+
+
+def _emulate(requests: list[Request]):
+    spec = gpu("h100")
+    config = EmulationConfig(engine="sglang", model="tiny-llama", gpu="h100", options=OPTIONS)
+    return emulate(config, Workload("test", tuple(requests)), spec, Roofline(spec), load_config("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def served():
+    lengths = [(12, 5), (40, 9), (7, 14), (25, 3), (60, 11), (9, 7)]
+    requests = [Request(f"r{i}", 0.02 * i, p, o) for i, (p, o) in enumerate(lengths)]
+    return requests, _emulate(requests)
+
+
+def test_every_request_gets_exactly_its_output_tokens(served):
+    requests, result = served
+    assert [len(r.token_times) for r in result.results] == [r.output_tokens for r in requests]
+    for r in result.results:
+        assert r.token_times == sorted(r.token_times) and r.token_times[0] > r.arrival
+    # every token SGLang sampled came from the token oracle (argmax of logits nobody computed); +2: warm-up
+    assert result.synthesized.get("aten::argmax", 0) == sum(r.output_tokens for r in requests) + 2
+
+
+def test_the_scheduler_process_is_emulated_on_the_virtual_gpu(served):
+    _, result = served
+    assert result.processes >= 3  # the front end here, SGLang's scheduler and detokenizer
+    assert result.ops > 10_000  # the model's ops ran in the scheduler, on the virtual device
+    # the scheduler's virtual allocator held the weights and a KV cache of max_total_tokens
+    config = load_config("tiny-llama")
+    head_dim = config.hidden_size // config.num_attention_heads
+    tokens = OPTIONS["max_total_tokens"]
+    kv = tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
+    assert result.peak_memory >= param_bytes(config, torch.bfloat16) + kv
+    assert result.clock_stalls == 0
+
+
+def test_a_request_arriving_during_a_busy_step_queues():
+    alone = _emulate([Request("late", 0.0, 16, 4)]).results[0]
+    busy = _emulate([Request("early", 0.0, 256, 4), Request("late", 0.001, 16, 4)]).results[1]
+    ttft = lambda r: r.first_token - r.arrival  # noqa: E731
+    assert ttft(busy) > ttft(alone) + 0.001  # it waited for the step under way
