@@ -25,7 +25,8 @@ test-slow: $(STAMP)  ## the slow-marked tests
 
 # SGLang under emulation lives in a venv of its own: SGLang installed without its dependencies (they pin
 # CUDA builds of torch and its CUDA kernel wheel, which loads a CUDA library at import), then the
-# pure-Python ones it imports; the GPU-only ones are stand-ins (replayer/standins).
+# pure-Python ones it imports; the GPU-only ones are stand-ins (replayer/standins). pip then reports
+# SGLang's declared requirements as unmet (torch 2.14.1, sglang-kernel, ...): expected.
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 SGL_NO_DEPS := sglang==0.5.23 compressed-tensors==0.18.0 xgrammar==0.2.7
@@ -34,7 +35,7 @@ SGL_DEPS := transformers==5.19.0 tokenizers==0.23.2 triton==3.8.0 apache-tvm-ffi
 	gguf==0.19.0 ipython==9.18.1 loguru==0.7.3 msgspec==0.22.0 orjson==3.13.0 \
 	partial-json-parser==0.2.1.1.post7 pillow==13.0.0 psutil==7.2.2 pybase64==1.5.1 pyzmq==27.3.0 \
 	requests==2.34.2 setproctitle==1.3.8 uvicorn==0.54.0 uvloop==0.23.0 cuda-python==13.4.4 \
-	opentelemetry-api==1.45.2
+	opentelemetry-api==1.45.2 jsonschema==4.26.0 soundfile==0.14.0 python-multipart==0.0.34
 
 $(SGL_STAMP): pyproject.toml Makefile
 	test -x $(SGL_VENV)/bin/python || python3 -m venv $(SGL_VENV)

@@ -38,7 +38,7 @@ _T = struct.Struct("<d")  # at 0: the shared time
 _COUNT = struct.Struct("<q")  # at 8: stalls; at 16: changes (of slots and channels, for cheap re-checks)
 _HEADER_SIZE = 24
 _SLOT = struct.Struct("<q q d")  # pid, state, deadline
-_CHANNEL = struct.Struct("<q q q")  # key, in flight, reader pid
+_CHANNEL = struct.Struct("<q q q d")  # key, in flight, reader pid, real time of the last send
 _SLOT_AT = _HEADER_SIZE
 _CHANNEL_AT = _SLOT_AT + _SLOTS * _SLOT.size
 _SIZE = _CHANNEL_AT + _CHANNELS * _CHANNEL.size
@@ -48,6 +48,8 @@ _INF = float("inf")
 # Real seconds a sender waits for the others to go quiet before it counts a stall and goes on (a process
 # blocked where the emulator cannot see, a message nobody reads).
 QUIET_GRACE = 2.0
+# Real seconds within which a sent message lands in its reader's socket (ZeroMQ over ipc: microseconds).
+LANDING = 0.2
 
 _real_monotonic = time.monotonic
 _real_sleep = time.sleep
@@ -125,18 +127,16 @@ class Tree:
         with self._locked():
             self._set_slot(self.slot, self.pid, _IDLE, deadline)
             now = self._publish(t)
-            channels = map(self._channel, range(_CHANNELS))
-            if any(n > 0 and reader and _alive(reader) for _, n, reader in channels):
+            if any(self._on_its_way(i) for i in range(_CHANNELS)):
                 return now  # a message is on its way: its reader is about to be busy
             earliest = _INF
             for i in range(_SLOTS):
                 pid, state, d = self._slot(i)
-                if pid == 0 or state == _FREE:
+                if pid == 0 or state == _FREE or not _alive(pid):  # a killed process waits for nothing
                     continue
-                if state != _IDLE and _alive(pid):
+                if state != _IDLE:
                     return now
-                if state == _IDLE:
-                    earliest = min(earliest, d)
+                earliest = min(earliest, d)
             if now < earliest < _INF:
                 now = earliest
                 _T.pack_into(self._map, 0, now)
@@ -150,7 +150,7 @@ class Tree:
             self._publish(t)
             i = self._find(channel)
             key, n, reader = self._channel(i)
-            _CHANNEL.pack_into(self._map, _CHANNEL_AT + i * _CHANNEL.size, key, n + 1, reader)
+            self._put_channel(i, key, n + 1, reader, _real_monotonic())
             self._changed()
         self.sends += 1
         if self.report is not None:
@@ -163,7 +163,7 @@ class Tree:
                 self._set_slot(self.slot, self.pid, _BUSY, _INF)
             i = self._find(channel)
             key, n, _ = self._channel(i)
-            _CHANNEL.pack_into(self._map, _CHANNEL_AT + i * _CHANNEL.size, key, max(0, n - 1), self.pid)
+            self._put_channel(i, key, max(0, n - 1), self.pid)
             return self.now()
 
     def reads(self, channel: str) -> None:
@@ -171,7 +171,7 @@ class Tree:
         with self._locked():
             i = self._find(channel)
             key, n, _ = self._channel(i)
-            _CHANNEL.pack_into(self._map, _CHANNEL_AT + i * _CHANNEL.size, key, n, self.pid)
+            self._put_channel(i, key, n, self.pid)
 
     def wait_quiet(self) -> None:
         """Wait (real time) until every other process waits for something after T and no message is in flight
@@ -209,10 +209,8 @@ class Tree:
 
     def _quiet(self) -> bool:
         with self._locked():
-            for i in range(_CHANNELS):
-                key, n, reader = self._channel(i)
-                if n > 0 and reader != self.pid and reader and _alive(reader):
-                    return False
+            if any(self._on_its_way(i, others_only=True) for i in range(_CHANNELS)):
+                return False
             now = self.now()
             for i in range(_SLOTS):
                 pid, state, deadline = self._slot(i)
@@ -252,7 +250,22 @@ class Tree:
         self._changed()
 
     def _channel(self, i: int) -> tuple[int, int, int]:
-        return _CHANNEL.unpack_from(self._map, _CHANNEL_AT + i * _CHANNEL.size)
+        return _CHANNEL.unpack_from(self._map, _CHANNEL_AT + i * _CHANNEL.size)[:3]
+
+    def _put_channel(self, i: int, key: int, n: int, reader: int, sent_at: float | None = None) -> None:
+        if sent_at is None:
+            sent_at = _CHANNEL.unpack_from(self._map, _CHANNEL_AT + i * _CHANNEL.size)[3]
+        _CHANNEL.pack_into(self._map, _CHANNEL_AT + i * _CHANNEL.size, key, n, reader, sent_at)
+
+    def _on_its_way(self, i: int, others_only: bool = False) -> bool:
+        """A message on channel i has been sent, not received, and may not have landed in its reader's socket
+        yet (a message that has landed waits for its reader, who may not be reading: SGLang's front end reads
+        nothing until its first request)."""
+        key, n, reader = self._channel(i)
+        if n <= 0 or not reader or (others_only and reader == self.pid) or not _alive(reader):
+            return False
+        sent_at = _CHANNEL.unpack_from(self._map, _CHANNEL_AT + i * _CHANNEL.size)[3]
+        return _real_monotonic() - sent_at < LANDING
 
     def _find(self, channel: str) -> int:
         """The index of `channel`'s counter, taken on first use (open addressing on a CRC of its name)."""
@@ -264,7 +277,7 @@ class Tree:
             if k == key:
                 return i
             if k == 0:
-                _CHANNEL.pack_into(self._map, _CHANNEL_AT + i * _CHANNEL.size, key, 0, 0)
+                self._put_channel(i, key, 0, 0, 0.0)
                 return i
         raise RuntimeError(f"{self.path}: more than {_CHANNELS} message channels")
 

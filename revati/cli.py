@@ -132,8 +132,8 @@ def emulate(
         plan["options"] = _engine_options(engine, option)
         plan["tp"] = tp
         _check_tp(plan["model_config"], tp)
-        if tp > 1 and engine == "sglang":
-            raise BadInput(f"--tp {tp}: the sglang engine is emulated at tensor parallelism 1 for now")
+        if tp > 1 and engine.startswith("sglang"):
+            raise BadInput(f"--tp {tp}: the {engine} engine is emulated at tensor parallelism 1 for now")
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
     _run_emulation(plan, ops, as_json)
@@ -847,11 +847,11 @@ def _check_installed(engine: str) -> None:
     """Engines with requirements of their own (SGLang) say how to get them."""
     import importlib.util
 
-    if engine == "sglang" and importlib.util.find_spec("sglang") is None:
+    if engine.startswith("sglang") and importlib.util.find_spec("sglang") is None:
         raise BadInput(
-            "the sglang engine needs SGLang, which this Python environment lacks: `make sglang-venv` builds "
-            ".venv-sglang with it (CPU torch, SGLang without its CUDA kernels); then run "
-            ".venv-sglang/bin/revati emulate --engine sglang ..."
+            f"the {engine} engine needs SGLang, which this Python environment lacks: `make sglang-venv` "
+            "builds .venv-sglang with it (CPU torch, SGLang without its CUDA kernels); then run "
+            f".venv-sglang/bin/revati emulate --engine {engine} ..."
         )
 
 

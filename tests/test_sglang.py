@@ -18,9 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.sglang]
 OPTIONS = {"max_total_tokens": 4096, "max_running_requests": 16, "mem_fraction_static": 0.5}
 
 
-def _emulate(requests: list[Request]):
+def _emulate(requests: list[Request], engine: str = "sglang"):
     spec = gpu("h100")
-    config = EmulationConfig(engine="sglang", model="tiny-llama", gpu="h100", options=OPTIONS)
+    config = EmulationConfig(engine=engine, model="tiny-llama", gpu="h100", options=OPTIONS)
     return emulate(config, Workload("test", tuple(requests)), spec, Roofline(spec), load_config("tiny-llama"))
 
 
@@ -58,3 +58,10 @@ def test_a_request_arriving_during_a_busy_step_queues():
     busy = _emulate([Request("early", 0.0, 256, 4), Request("late", 0.001, 16, 4)]).results[1]
     ttft = lambda r: r.first_token - r.arrival  # noqa: E731
     assert ttft(busy) > ttft(alone) + 0.001  # it waited for the step under way
+
+
+def test_the_http_server_serves_every_request_its_tokens_over_http():
+    requests = [Request(f"h{i}", 0.05 * i, 10 + 7 * i, 3 + i) for i in range(4)]
+    result = _emulate(requests, "sglang-serve")
+    assert [len(r.token_times) for r in result.results] == [r.output_tokens for r in requests]
+    assert result.processes >= 3 and result.ops > 1000 and result.clock_stalls == 0

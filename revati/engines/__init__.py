@@ -28,9 +28,10 @@ ENGINES: dict[str, Callable[..., list[RequestResult]]] = {
     "hf-cb": hf_cb.run,
     "hf-serve": hf_serve.run,
     "sglang": sglang.run,
+    "sglang-serve": sglang.serve,
 }
 # Engines that build the model themselves, in a process of their own: they take the model's config.
-OWN_MODEL = {"sglang"}
+OWN_MODEL = {"sglang", "sglang-serve"}
 
 _COMMON = {"model", "requests", "observer", "on_result"}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -32,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from revati.engines.hf_cb import attention, cache_size, observe_steps
+from revati.engines.http import loopback_socket, started
 from revati.engines.observer import Observer, serving_started
 from revati.engines.prompts import prompt_ids
 from revati.metrics import RequestResult
@@ -124,18 +124,11 @@ def _server(flags: dict, port: int):
     )
 
 
-def _loopback_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
-    return sock
-
-
 async def _serve(model, requests, flags, do_sample, observer, on_result) -> dict[str, RequestResult]:
     import httpx
     from transformers.cli.serving.model_manager import TimedModel
 
-    sock = _loopback_socket()
+    sock = loopback_socket()
     port = sock.getsockname()[1]
     serve = _server(flags, port)
     tokenizer = word_tokenizer(model.config.get_text_config().vocab_size)
@@ -143,7 +136,7 @@ async def _serve(model, requests, flags, do_sample, observer, on_result) -> dict
     serve._model_manager.loaded_models[model_key] = TimedModel(model, timeout_seconds=-1, processor=tokenizer)
     serving = asyncio.create_task(serve.server.serve(sockets=[sock]))
     try:
-        await _started(serve.server, serving)
+        await started(serve.server, serving, "hf-serve")
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", timeout=None, limits=limits
@@ -167,14 +160,6 @@ async def _serve(model, requests, flags, do_sample, observer, on_result) -> dict
         serve.kill_server()  # stops the continuous-batching worker and unloads the model from the server
         sock.close()
     return {r.request_id: r for r in results}
-
-
-async def _started(server, serving: asyncio.Task) -> None:
-    while not server.started:
-        if serving.done():
-            serving.result()  # raises what stopped it
-            raise RuntimeError("hf-serve: the server exited before it started")
-        await asyncio.sleep(0.01)
 
 
 async def _send(

@@ -17,11 +17,15 @@ steps: the model runs in the scheduler process, which the caller's observer cann
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 
+from revati.engines.http import loopback_socket, started
 from revati.engines.observer import Observer, serving_started
 from revati.engines.prompts import prompt_ids
 from revati.metrics import RequestResult
@@ -53,41 +57,11 @@ def run(
 ) -> list[RequestResult]:
     """Serve `requests` through `sglang.Engine` built from `model` (a config, or a model whose config is
     used); results in the order of `requests`."""
-    try:
-        import sglang
-    except ImportError as e:
-        raise ImportError(
-            f"the sglang engine needs SGLang installed ({e.name} is missing): see `make sglang-venv`"
-        ) from e
-    config = getattr(model, "config", model)
-    args = {
-        "attention_backend": attention_backend,
-        "sampling_backend": sampling_backend,
-        "grammar_backend": grammar_backend,
-        "disable_cuda_graph": disable_cuda_graph,
-        "disable_custom_all_reduce": disable_custom_all_reduce,
-        "disable_overlap_schedule": disable_overlap_schedule,
-        "disable_radix_cache": disable_radix_cache,
-        "sleep_on_idle": sleep_on_idle,
-        "mem_fraction_static": mem_fraction_static,
-        "max_total_tokens": max_total_tokens,
-        "max_running_requests": max_running_requests,
-        "chunked_prefill_size": chunked_prefill_size,
-        "schedule_policy": schedule_policy,
-    }
-    args = {k: v for k, v in args.items() if v is not None}
+    sglang = _sglang()
+    config, server_args = _server_args(model, locals())
     with tempfile.TemporaryDirectory(prefix="revati-sglang-model-") as model_dir:
         config.save_pretrained(model_dir)
-        engine = sglang.Engine(
-            model_path=model_dir,
-            load_format="dummy",
-            skip_tokenizer_init=True,
-            dtype=dtype,
-            random_seed=seed,
-            skip_server_warmup=True,
-            log_level=log_level,
-            **args,
-        )
+        engine = sglang.Engine(model_path=model_dir, **server_args)
         try:
             results = engine.loop.run_until_complete(_serve(engine, config, requests, observer, on_result))
         finally:
@@ -97,21 +71,157 @@ def run(
     return [results[r.request_id] for r in requests]
 
 
+def serve(
+    model, requests: Sequence[Request], *, observer=None, on_result=None, **options
+) -> list[RequestResult]:
+    """'sglang-serve': SGLang's HTTP server (its FastAPI app under uvicorn, the tokenizer manager in this
+    process, scheduler and detokenizer in theirs) under an HTTP load generator on loopback; `run`'s options.
+
+    The server is set up as `sglang.launch_server` sets it up (subprocesses, the app's global state), but its
+    uvicorn server runs as a task on this process's event loop, beside the load generator, as hf-serve does.
+    Each request is a streaming POST to `/generate` with its token ids; each server-sent event's arrival is
+    the time of the tokens it adds.
+    """
+    _sglang()
+    from sglang.srt.entrypoints import http_server
+    from sglang.srt.entrypoints.engine import Engine
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.utils import kill_process_tree
+
+    config, server_args = _server_args(model, {**_DEFAULTS, **options})
+    sock = loopback_socket()
+    with tempfile.TemporaryDirectory(prefix="revati-sglang-model-") as model_dir:
+        config.save_pretrained(model_dir)
+        args = ServerArgs(model_path=model_dir, host="127.0.0.1", port=sock.getsockname()[1], **server_args)
+        tokenizer_manager, template_manager, _, started_workers, watchdog, _ = Engine._launch_subprocesses(
+            server_args=args,
+            init_tokenizer_manager_func=http_server.init_tokenizer_manager,
+            run_scheduler_process_func=http_server.run_scheduler_process,
+            run_detokenizer_process_func=http_server.run_detokenizer_process,
+        )
+        try:
+            http_server.set_global_state(
+                http_server._GlobalState(
+                    tokenizer_manager=tokenizer_manager,
+                    template_manager=template_manager,
+                    scheduler_info=started_workers.scheduler_infos[0],
+                )
+            )
+            app = http_server.app
+            app.is_single_tokenizer_mode, app.server_args = True, args
+            app.warmup_thread_kwargs = dict(
+                server_args=args, launch_callback=None, execute_warmup_func=http_server._execute_server_warmup
+            )
+            results = asyncio.run(_serve_http(app, sock, config, requests, observer, on_result))
+        finally:
+            if watchdog is not None:
+                watchdog.stop()  # it takes its workers' end for a crash and kills this process (SIGQUIT)
+            kill_process_tree(os.getpid(), include_parent=False)
+            sock.close()
+            logging.getLogger("sglang").handlers.clear()
+    return [results[r.request_id] for r in requests]
+
+
+serve.__signature__ = inspect.signature(run)  # the same options (revati.engines.engine_options reads them)
+
+_DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def _sglang():
+    try:
+        import sglang
+    except ImportError as e:
+        raise ImportError(
+            f"the sglang engines need SGLang installed ({e.name} is missing): see `make sglang-venv`"
+        ) from e
+    return sglang
+
+
+def _server_args(model, options: dict) -> tuple:
+    """The model's config, and the ServerArgs fields: the options given (None: SGLang's default)."""
+    fixed = {
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "skip_server_warmup": True,
+        "dtype": options["dtype"],
+        "random_seed": options["seed"],
+        "log_level": options["log_level"],
+    }
+    chosen = {k: options[k] for k in _SERVER_ARGS if options.get(k) is not None}
+    return getattr(model, "config", model), {**fixed, **chosen}
+
+
+_SERVER_ARGS = (
+    "attention_backend", "sampling_backend", "grammar_backend", "disable_cuda_graph",
+    "disable_custom_all_reduce", "disable_overlap_schedule", "disable_radix_cache", "sleep_on_idle",
+    "mem_fraction_static", "max_total_tokens", "max_running_requests", "chunked_prefill_size",
+    "schedule_policy",
+)  # fmt: skip
+
+
+async def _serve_http(app, sock, config, requests, observer, on_result) -> dict[str, RequestResult]:
+    import httpx
+    import uvicorn
+
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await started(server, serving, "sglang-serve")
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as client:
+            generate = lambda r, ids, t0: _post(client, r, ids, t0)  # noqa: E731
+            return await _serve_with(generate, config, requests, observer, on_result)
+    finally:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+
+
+async def _post(client, request: Request, ids: list[int], t0: float) -> list[float]:
+    """One streaming POST to /generate; the time (from t0) at which each of its tokens came back."""
+    body = {"input_ids": ids, "sampling_params": _sampling(request), "stream": True}
+    times: list[float] = []
+    async with client.stream("POST", "/generate", json=body) as response:
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")
+            raise RuntimeError(
+                f"sglang-serve: request {request.request_id} got HTTP {response.status_code}: {detail}"
+            )
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter() - t0
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                raise RuntimeError(f"sglang-serve: request {request.request_id} failed: {event['error']}")
+            times.extend([now] * (event["meta_info"]["completion_tokens"] - len(times)))
+    return _checked(request, times)
+
+
 async def _serve(engine, config, requests, observer, on_result) -> dict[str, RequestResult]:
+    generate = lambda r, ids, t0: _generate(engine, r, ids, t0)  # noqa: E731
+    return await _serve_with(generate, config, requests, observer, on_result)
+
+
+async def _serve_with(generate, config, requests, observer, on_result) -> dict[str, RequestResult]:
+    """A warm-up request, then t0, then each request sent at t0 + its arrival through `generate`."""
     warmup = Request("revati-warmup", 0.0, 8, 2)
-    await _generate(engine, warmup, prompt_ids(warmup, config), time.perf_counter())
+    await generate(warmup, prompt_ids(warmup, config), time.perf_counter())
     t0 = time.perf_counter()
     serving_started(observer)
-    done = await asyncio.gather(*(_send(engine, r, prompt_ids(r, config), t0, on_result) for r in requests))
+    done = await asyncio.gather(*(_send(generate, r, prompt_ids(r, config), t0, on_result) for r in requests))
     return {r.request_id: r for r in done}
 
 
-async def _send(engine, request: Request, ids: list[int], t0: float, on_result) -> RequestResult:
+async def _send(generate, request: Request, ids: list[int], t0: float, on_result) -> RequestResult:
     remaining = t0 + request.arrival - time.perf_counter()
     while remaining > 0:
         await asyncio.sleep(remaining)
         remaining = t0 + request.arrival - time.perf_counter()
-    times = await _generate(engine, request, ids, t0)
+    times = await generate(request, ids, t0)
     result = RequestResult(
         request.request_id, request.arrival, request.prompt_tokens, request.output_tokens, times
     )
@@ -122,13 +232,19 @@ async def _send(engine, request: Request, ids: list[int], t0: float, on_result) 
 
 async def _generate(engine, request: Request, ids: list[int], t0: float) -> list[float]:
     """Stream one request; the time (from t0) at which each of its tokens came back."""
-    params = {"max_new_tokens": request.output_tokens, "ignore_eos": True, "temperature": 0.0}
-    stream = await engine.async_generate(input_ids=ids, sampling_params=params, stream=True)
+    stream = await engine.async_generate(input_ids=ids, sampling_params=_sampling(request), stream=True)
     times: list[float] = []
     async for chunk in stream:
         now = time.perf_counter() - t0
-        total = chunk["meta_info"]["completion_tokens"]
-        times.extend([now] * (total - len(times)))
+        times.extend([now] * (chunk["meta_info"]["completion_tokens"] - len(times)))
+    return _checked(request, times)
+
+
+def _sampling(request: Request) -> dict:
+    return {"max_new_tokens": request.output_tokens, "ignore_eos": True, "temperature": 0.0}
+
+
+def _checked(request: Request, times: list[float]) -> list[float]:
     if len(times) != request.output_tokens:
         raise RuntimeError(
             f"sglang: request {request.request_id} produced {len(times)} tokens, "
