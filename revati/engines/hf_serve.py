@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from revati.engines.hf_cb import attention, cache_size, observe_steps
-from revati.engines.http import loopback_socket, started
+from revati.engines.http import events, loopback_socket, started
 from revati.engines.observer import Observer, serving_started
 from revati.engines.prompts import prompt_ids
 from revati.metrics import RequestResult
@@ -189,24 +189,11 @@ async def _complete(client, request: Request, ids: list[int], do_sample: bool, t
     }
     times: list[float] = []
     usage = None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            detail = (await response.aread()).decode(errors="replace")
-            raise RuntimeError(
-                f"hf-serve: request {request.request_id} got HTTP {response.status_code}: {detail}"
-            )
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            now = time.perf_counter()
-            event = json.loads(line.removeprefix("data: "))
-            if "error" in event:
-                raise RuntimeError(
-                    f"hf-serve: request {request.request_id} failed in the server: {event['error']}"
-                )
-            if event["choices"][0].get("text"):
-                times.append(now - t0)
-            usage = event.get("usage") or usage
+    what = f"hf-serve: request {request.request_id}"
+    async for now, event in events(client, "/v1/completions", body, what):
+        if event["choices"][0].get("text"):
+            times.append(now - t0)
+        usage = event.get("usage") or usage
     generated = usage["completion_tokens"] if usage else None
     if len(times) != request.output_tokens or generated != request.output_tokens:
         raise RuntimeError(

@@ -1,10 +1,13 @@
 """The load generator's side of engines served over HTTP in-process (hf-serve, sglang-serve): the server's
-socket on loopback, and waiting for uvicorn to start."""
+socket on loopback, waiting for uvicorn to start, and the server-sent events of a streaming POST."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import time
+from collections.abc import AsyncIterator
 
 
 def loopback_socket() -> socket.socket:
@@ -22,3 +25,20 @@ async def started(server, serving: asyncio.Task, engine: str) -> None:
             serving.result()  # raises what stopped it
             raise RuntimeError(f"{engine}: the server exited before it started")
         await asyncio.sleep(0.01)
+
+
+async def events(client, path: str, body: dict, what: str) -> AsyncIterator[tuple[float, dict]]:
+    """POST `body` to `path` with the httpx `client`, streaming: (time.perf_counter() at its arrival, event)
+    for each server-sent `data:` event. `what` names the request in errors."""
+    async with client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")
+            raise RuntimeError(f"{what} got HTTP {response.status_code}: {detail}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                raise RuntimeError(f"{what} failed in the server: {event['error']}")
+            yield now, event

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from revati.engines.http import loopback_socket, started
+from revati.engines.http import events, loopback_socket, started
 from revati.engines.observer import Observer, serving_started
 from revati.engines.prompts import prompt_ids
 from revati.metrics import RequestResult
@@ -151,12 +150,8 @@ def _server_args(model, options: dict) -> tuple:
     return getattr(model, "config", model), {**fixed, **chosen}
 
 
-_SERVER_ARGS = (
-    "attention_backend", "sampling_backend", "grammar_backend", "disable_cuda_graph",
-    "disable_custom_all_reduce", "disable_overlap_schedule", "disable_radix_cache", "sleep_on_idle",
-    "mem_fraction_static", "max_total_tokens", "max_running_requests", "chunked_prefill_size",
-    "schedule_policy",
-)  # fmt: skip
+# run's options that are ServerArgs fields of the same name, passed only when set
+_SERVER_ARGS = tuple(k for k in _DEFAULTS if k not in ("observer", "on_result", "dtype", "log_level", "seed"))
 
 
 async def _serve_http(app, sock, config, requests, observer, on_result) -> dict[str, RequestResult]:
@@ -184,20 +179,8 @@ async def _post(client, request: Request, ids: list[int], t0: float) -> list[flo
     """One streaming POST to /generate; the time (from t0) at which each of its tokens came back."""
     body = {"input_ids": ids, "sampling_params": _sampling(request), "stream": True}
     times: list[float] = []
-    async with client.stream("POST", "/generate", json=body) as response:
-        if response.status_code != 200:
-            detail = (await response.aread()).decode(errors="replace")
-            raise RuntimeError(
-                f"sglang-serve: request {request.request_id} got HTTP {response.status_code}: {detail}"
-            )
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            now = time.perf_counter() - t0
-            event = json.loads(line.removeprefix("data: "))
-            if "error" in event:
-                raise RuntimeError(f"sglang-serve: request {request.request_id} failed: {event['error']}")
-            times.extend([now] * (event["meta_info"]["completion_tokens"] - len(times)))
+    async for now, event in events(client, "/generate", body, f"sglang-serve: request {request.request_id}"):
+        times.extend([now - t0] * (event["meta_info"]["completion_tokens"] - len(times)))
     return _checked(request, times)
 
 
