@@ -80,15 +80,10 @@ def launch(
     env = dict(os.environ)
     env.update(
         {
-            ENV_FLAG: "1",
-            "REVATI_GPU": gpu,
-            "REVATI_HOST_TIME": host_time,
-            "REVATI_RESULTS": str(results),
+            **_emulated(gpu, host_time, results),
             "REVATI_COORDINATE": "1" if coordinate else "0",
             "REVATI_PRICE_COLLECTIVES": "1" if price else "0",
             "REVATI_GPUS_PER_NODE": str(gpus_per_node),
-            timewarp.BASES_ENV: json.dumps(timewarp.clock_bases()),  # one time.time() for every rank
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE_DIR), env.get("PYTHONPATH")])),
         }
     )
     if is_torchrun(argv):
@@ -179,17 +174,25 @@ def worker_environment(
     0 of 1, sharing one virtual time (replayer.tree) with the process that sets it; each writes its figures
     to `results`/process-PID.json. `paths` go on PYTHONPATH after the site directory."""
     return {
-        ENV_FLAG: "1",
+        **_emulated(gpu, host_time, results, paths),
         "RANK": "0",
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "LOCAL_WORLD_SIZE": "1",
-        "REVATI_GPU": gpu,
         PROFILE_ENV: profile or "roofline",
+        tree.ENV: str(shared_time),
+    }
+
+
+def _emulated(gpu: str, host_time: str, results: Path, paths: tuple[str, ...] = ()) -> dict[str, str]:
+    """What every process emulated from its environment needs: the flag, the GPU, the host-time mode, where to
+    report, one time.time() base for all of them, and the site directory (then `paths`) on PYTHONPATH."""
+    return {
+        ENV_FLAG: "1",
+        "REVATI_GPU": gpu,
         "REVATI_HOST_TIME": host_time,
         "REVATI_RESULTS": str(results),
-        tree.ENV: str(shared_time),
-        timewarp.BASES_ENV: json.dumps(timewarp.clock_bases()),  # one time.time() in every process
+        timewarp.BASES_ENV: json.dumps(timewarp.clock_bases()),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE_DIR), *paths, os.environ.get("PYTHONPATH")])),
     }
 

@@ -72,8 +72,6 @@ class Tree:
         self._map = mmap.mmap(self._fd, _SIZE)
         self.pid = os.getpid()
         self.slot = -1
-        self.sends = 0
-        self.stalls = 0
         self.report = None
 
     @classmethod
@@ -115,8 +113,7 @@ class Tree:
     def busy(self) -> None:
         """This process has a runnable thread: no jump may happen."""
         if self.slot >= 0 and self._slot(self.slot)[1] != _BUSY:
-            _SLOT.pack_into(self._map, _SLOT_AT + self.slot * _SLOT.size, self.pid, _BUSY, _INF)
-            self._changed()
+            self._set_slot(self.slot, self.pid, _BUSY, _INF)
 
     def idle(self, t: float, deadline: float) -> float:
         """Every thread of this process waits, the earliest until `deadline` (inf: none); its time is `t`.
@@ -152,7 +149,6 @@ class Tree:
             key, n, reader = self._channel(i)
             self._put_channel(i, key, n + 1, reader, _real_monotonic())
             self._changed()
-        self.sends += 1
         if self.report is not None:
             self.report()
 
@@ -181,7 +177,6 @@ class Tree:
             if _real_monotonic() - started > QUIET_GRACE:
                 if os.environ.get("REVATI_TREE_DEBUG"):
                     print(f"revati tree: {self.pid} waited for {self.state()}", file=sys.stderr, flush=True)
-                self.stalls += 1
                 with self._locked():
                     _COUNT.pack_into(self._map, 8, self._stalls() + 1)
                 return

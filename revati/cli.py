@@ -132,7 +132,9 @@ def emulate(
         plan["options"] = _engine_options(engine, option)
         plan["tp"] = tp
         _check_tp(plan["model_config"], tp)
-        if tp > 1 and engine.startswith("sglang"):
+        from revati.engines import OWN_MODEL
+
+        if tp > 1 and engine in OWN_MODEL:
             raise BadInput(f"--tp {tp}: the {engine} engine is emulated at tensor parallelism 1 for now")
     except BadInput as e:
         _fail(str(e), _BAD_INPUT)
