@@ -413,6 +413,8 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(cuda, "reset_peak_memory_stats", reset_peak_memory_stats)
     patch.set(cuda, "reset_max_memory_allocated", reset_max_memory_allocated)
     patch.set(cuda, "empty_cache", empty_cache)
+    patch.set(cuda, "get_allocator_backend", lambda: "native")  # a caching allocator, as the virtual one is
+    patch.set(cuda.memory, "get_allocator_backend", lambda: "native")
     patch.set(cuda, "manual_seed", noop_seed)
     patch.set(cuda, "manual_seed_all", lambda seed: None)
     patch.set(cuda, "seed", seed)
@@ -501,16 +503,22 @@ def _install_accelerator(emu: Emulator, patch: Patcher, synchronize) -> None:
     patch.set(acc, "set_device_index", lambda device_index: torch.cuda.set_device(device_index))
     # transformers and DeviceMesh pick their device type from the C-level accelerator (cpu on a CPU build)
     patch.set(torch._C, "_get_accelerator", lambda check=False: torch.device("cuda"))
-    if hasattr(acc, "memory"):
-        mem = acc.memory
-        for name, fn in (
-            ("memory_allocated", lambda device=None: emu.allocator.allocated),
-            ("max_memory_allocated", lambda device=None: emu.allocator.peak),
-            ("memory_reserved", lambda device=None: emu.allocator.reserved),
-            ("max_memory_reserved", lambda device=None: emu.allocator.peak_reserved),
-            ("memory_stats", lambda device=None: emu.allocator.stats()),
-            ("empty_cache", lambda: emu.allocator.empty_cache()),
-            ("reset_peak_memory_stats", lambda device=None: emu.allocator.reset_peak()),
-        ):
-            if hasattr(mem, name):
-                patch.set(mem, name, fn)
+    # torch.accelerator re-exports its memory functions: both names are patched, each with its own function
+    # object (torch._dynamo refuses one object under two names).
+    a = emu.allocator
+    memory = {
+        "memory_allocated": lambda: lambda device=None: a.allocated,
+        "max_memory_allocated": lambda: lambda device=None: a.peak,
+        "memory_reserved": lambda: lambda device=None: a.reserved,
+        "max_memory_reserved": lambda: lambda device=None: a.peak_reserved,
+        "memory_stats": lambda: lambda device=None: a.stats(),
+        "empty_cache": lambda: lambda: a.empty_cache(),
+        "empty_host_cache": lambda: lambda: None,
+        "reset_peak_memory_stats": lambda: lambda device=None: a.reset_peak(),
+        "reset_accumulated_memory_stats": lambda: lambda device=None: None,
+        "get_memory_info": lambda: lambda device=None: (a.free_bytes(), a.capacity),
+    }
+    for target in (acc, getattr(acc, "memory", None)):
+        for name, make in memory.items():
+            if target is not None and hasattr(target, name):
+                patch.set(target, name, make())

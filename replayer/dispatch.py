@@ -8,6 +8,7 @@ result is small.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -67,8 +68,13 @@ def _schema_refs(func: OpOverload):
     for ret in schema.returns:
         ref = None
         if ret.alias_info is not None:
+            # A list of views (`Tensor(a)[]`: unbind, split, chunk) shows no alias set from Python; it views
+            # the argument that aliases into the wildcard (`Tensor(a -> *) self`).
+            sets = ret.alias_info.before_set
             for i, a in enumerate(args):
-                if a.alias_info is not None and (a.alias_info.before_set & ret.alias_info.before_set):
+                if a.alias_info is not None and (
+                    (a.alias_info.before_set & sets) or (not sets and "*" in a.alias_info.after_set)
+                ):
                     ref = (i if not a.kwarg_only else a.name, bool(ret.alias_info.is_write))
                     break
         refs.append(ref)
@@ -161,6 +167,12 @@ class Dispatcher:
         key = tuple(parts)
         sig = self.cache.get(key)
         if sig is None:
+            if _composite(func):  # reaches here only in inference mode, where autograd does not decompose it
+                _SPECIAL_IDS[id(func)] = _decomposed
+                return _decomposed(self, func, args, kwargs)
+            if _implemented_in_python(func):
+                _SPECIAL_IDS[id(func)] = _python_kernel
+                return _python_kernel(self, func, args, kwargs)
             clock = self.emu.clock
             clock.hold()
             try:
@@ -185,9 +197,22 @@ class Dispatcher:
             meta = sig.fast_view
             base = args[0] if meta is not None else None
             if meta is not None and type(base) is VTensor and base._value is None:  # a value-less view
-                out = _wrap(
-                    VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
-                )
+                if _inference_mode() and not base.is_inference():
+                    with _no_inference_mode():
+                        out = _wrap(
+                            VTensor,
+                            meta.shape,
+                            meta.stride,
+                            meta.offset,
+                            None,
+                            meta.dtype,
+                            _STRIDED,
+                            self.device,
+                        )
+                else:
+                    out = _wrap(
+                        VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
+                    )
                 out._d = meta
                 out._vstorage = base._vstorage
                 out._value = None
@@ -226,8 +251,9 @@ class Dispatcher:
         m = Meta.of_tensor(meta)
         return make(m, device, Storage(m.nbytes, self.allocator, True if value is not None else None), value)
 
-    def collective_signature(self, key: str, features: dict, duration: float, host: float) -> Signature:
-        """The signature of a collective issued by the virtual process group (for the op log)."""
+    def external_signature(self, key: str, features: dict, duration: float, host: float) -> Signature:
+        """The signature of an op issued outside aten (a collective of the virtual process group, a Triton
+        launch), from its key and features (for the op log)."""
         ckey = (key, *sorted(features.items()))
         sig = self.cache.get(ckey)
         if sig is None:
@@ -295,7 +321,7 @@ class Dispatcher:
         cost = self.emu.cost
         duration = cost.device_time(key, features, dtype)  # 0 for an op that launches no kernel
         self._priced(key, dtype, duration)
-        value_ok = all(
+        value_ok = _runs_on_cpu(func) and all(
             o is None or o[0] == "const" or value_allowed(m.dtype, m.numel())
             for o, m in zip(outs, mouts, strict=True)
         )
@@ -376,7 +402,11 @@ class Dispatcher:
                     base = base[0]
                 meta = o[2]
                 storage = base._vstorage if type(base) is VTensor else self._new_storage(meta, value)
-                results.append(make(meta, self.device, storage, value))
+                if _inference_mode() and type(base) is VTensor and not base.is_inference():
+                    with _no_inference_mode():
+                        results.append(make(meta, self.device, storage, value))
+                else:
+                    results.append(make(meta, self.device, storage, value))
             else:
                 results.append(make(o[1], self.device, self._new_storage(o[1], value), value))
         if reals is None and func in _TOKEN_OPS:
@@ -581,6 +611,48 @@ def _collective(d: Dispatcher, func, args, kwargs):
             if isinstance(t, _Tensor):
                 _WAIT_TENSOR.redispatch(_CUDA_KEYS, t)
     return out
+
+
+def _composite(func: OpOverload) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+
+
+def _decomposed(d: Dispatcher, func, args, kwargs):
+    """A composite op runs as the ops it is made of, as it does outside inference mode."""
+    return func.decompose(*args, **kwargs)
+
+
+@functools.cache
+def _runs_on_cpu(func: OpOverload) -> bool:
+    """Whether shadow values can be computed: a shimmed GPU-only op has a fake but no CPU kernel."""
+    return any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+        for key in ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+    )
+
+
+def _implemented_in_python(func: OpOverload) -> bool:
+    """A library's own op whose CUDA kernel is Python (vLLM's attention layer op): it runs, on the virtual
+    device, as the ops it calls. (On a CPU build of torch no compiled CUDA kernel exists to be found here.)"""
+    return func.namespace not in ("aten", "prims") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        func.name(), "CUDA"
+    )
+
+
+_CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+
+def _python_kernel(d: Dispatcher, func, args, kwargs):
+    return func.redispatch(_CUDA_KEYS, *args, **kwargs)
+
+
+# A view of a normal tensor made in inference mode shares its version counter, which an inference tensor
+# cannot: the wrapper is made outside inference mode.
+_inference_mode = torch.is_inference_mode_enabled
+
+
+def _no_inference_mode():
+    return torch.inference_mode(False)
 
 
 def _generic(d: Dispatcher, func, args, kwargs):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from replayer import distributed, sglang
+from replayer import distributed, sglang, vllm, workers
 from replayer.session import Emulator
 from revati.cost import CostModel
 from revati.hardware import GpuSpec
@@ -28,6 +28,10 @@ from revati.scripts import Script
 from revati.workloads import Workload
 
 _real_perf_counter = time.perf_counter
+
+
+# What each engine that runs in processes of its own needs, applied around its run.
+_OWN_PROCESSES = {"sglang": sglang, "sglang-serve": sglang, "vllm": vllm}
 
 
 @dataclass
@@ -62,7 +66,7 @@ class EmulationResult:
     trace_dir: Path | None
     cost_model: str
     clock_stalls: int = 0  # times the clock moved on a real-time guess (a thread blocked where it cannot see)
-    processes: int = 1  # emulated processes (an engine's own: replayer.sglang), figures summed over them
+    processes: int = 1  # emulated processes (an engine's own: replayer.workers), figures summed over them
     unfitted: list[str] = field(default_factory=list)  # op keys priced without a model of their own
 
     @property
@@ -115,8 +119,9 @@ def emulate(
             raise ValueError(
                 f"engine {config.engine!r} is emulated at tensor parallelism 1 only, not {config.tp}"
             )
-        options = {**sglang.EMULATED, "dtype": config.dtype, **options}
-        processes = sglang.environment(spec.key, config.profile, config.host_time)
+        needs = _OWN_PROCESSES[config.engine]  # what the engine needs to run GPU-free
+        options = {**needs.EMULATED, "dtype": config.dtype, **options}
+        processes = needs.environment(spec.key, config.profile, config.host_time)
 
     emu = Emulator(
         spec,
@@ -130,7 +135,7 @@ def emulate(
     writer = None
     with processes as results_dir, emu, _tp_world(config.tp, spec, init=True):
         if own_model:  # the weights live in the engine's scheduler process: their size as computed
-            sglang.join(emu)
+            workers.join(emu)
             model = model_config
             weights = param_bytes(model_config, _dtype(config.dtype))
         else:
@@ -158,7 +163,7 @@ def emulate(
                 writer.close(complete=False)
             raise
         del model
-        children = sglang.children(results_dir) if own_model else []
+        children = workers.children(results_dir) if own_model else []
         shared_stalls = emu.clock.tree.total_stalls() if emu.clock.tree is not None else 0
     metrics = summarize(results)
     synthesized = Counter(emu.synthesized())

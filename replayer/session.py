@@ -9,6 +9,7 @@ with Emulator(gpu("h100"), Roofline(gpu("h100"))) as emu:
 
 from __future__ import annotations
 
+import multiprocessing.process
 from collections import Counter
 from typing import Any
 
@@ -20,6 +21,7 @@ from replayer.clock import Clock, concrete
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
 from replayer.oracle import TokenOracle
+from replayer.shims import triton as triton_shim
 from replayer.tensor import VTensor
 from revati.cost import IDLE_GAP, CostModel
 from revati.hardware import GpuSpec
@@ -146,6 +148,7 @@ class Emulator:
             tensor.set_dispatch(self.dispatcher.dispatch, self.dispatcher.torch_dispatch)
         _cuda.install(self, self._patch)
         distributed.install(self._patch)
+        triton_shim.install(self._patch)
         _install_entry_points(self, self._patch)
         timewarp.install(self, self._patch)
         self.active = True
@@ -159,6 +162,14 @@ class Emulator:
         self.clock.observe(tree.now())
         sockets.install(self, tree, self._patch)
         self._patch.on_restore(lambda: setattr(self.clock, "tree", None))
+        real_start = multiprocessing.process.BaseProcess.start
+
+        def start(process):  # the child holds time back from the moment it exists (Tree.expect)
+            real_start(process)
+            if process.pid is not None:
+                tree.expect(process.pid)
+
+        self._patch.set(multiprocessing.process.BaseProcess, "start", start)
 
     def deactivate(self) -> None:
         global _CURRENT
@@ -215,7 +226,7 @@ class Emulator:
         d.ops += 1
         if self._log_ops:
             host, start, stream = launched
-            sig = d.collective_signature(key, features, duration, host_cost)
+            sig = d.external_signature(key, features, duration, host_cost)
             self.ops.append((d.ops, sig.sig_id, host, host_cost, start, duration, stream, self._iteration))
 
     def host_sync(self) -> None:
@@ -387,6 +398,16 @@ def _override_cuda_factories(patch: Patcher) -> None:
     patch.on_restore(lib._destroy)
 
 
+def _default_is_cuda() -> bool:
+    """Whether factories without a device build on cuda (`with torch.device("cuda"):`, set_default_device).
+    Not torch.get_default_device(): for a device without an index it builds a tensor to find one."""
+    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(mode, torch.utils._device.DeviceContext):
+            return _is_cuda(mode.device)
+    context = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+    return context is not None and _is_cuda(context.device)
+
+
 def _is_cuda(device) -> bool:
     if device is None:
         return False
@@ -418,16 +439,18 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
     def is_pinned(self, device=None):
         return False
 
+    # Without a device these build on the default one, which `with torch.device("cuda"):` makes cuda.
     def tensor(data, *, dtype=None, device=None, requires_grad=False, pin_memory=False):
-        if _is_cuda(device):
-            return emu.from_host(real_tensor(data, dtype=dtype), None).requires_grad_(requires_grad)
+        if _is_cuda(device) if device is not None else _default_is_cuda():
+            host = real_tensor(data, dtype=dtype, device="cpu")
+            return emu.from_host(host, None).requires_grad_(requires_grad)
         return real_tensor(data, dtype=dtype, device=device, requires_grad=requires_grad)
 
     def as_tensor(data, dtype=None, device=None):
-        if _is_cuda(device):
+        if _is_cuda(device) if device is not None else _default_is_cuda():
             if isinstance(data, VTensor):
                 return data if dtype in (None, data.dtype) else data.to(dtype)
-            return emu.from_host(real_as_tensor(data, dtype=dtype), None)
+            return emu.from_host(real_as_tensor(data, dtype=dtype, device="cpu"), None)
         return real_as_tensor(data, dtype=dtype, device=device)
 
     def host_built(name):
@@ -436,7 +459,7 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
         real = getattr(torch, name)
 
         def factory(*args, device=None, **kwargs):
-            if _is_cuda(device if device is not None else torch.get_default_device()):
+            if _is_cuda(device) if device is not None else _default_is_cuda():
                 with torch.device("cpu"):
                     return emu.from_host(real(*args, **kwargs), None)
             return real(*args, device=device, **kwargs)

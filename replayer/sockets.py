@@ -1,10 +1,14 @@
 """ZeroMQ between emulated processes: messages counted on the shared time, waits in virtual time.
 
-Engines that run in several processes (SGLang: front end, scheduler, detokenizer) talk over ZeroMQ PUSH /
-PULL sockets. Under a shared time (replayer.tree) every message on such a socket is counted from send to
-receipt, blocking receives and pollers wait on the virtual clock (so an idle process lets time jump), and a
-process that launches device work waits after each send until the others are quiet (tree.wait_quiet).
-Sockets of other kinds pass through untouched.
+Engines that run in several processes talk over ZeroMQ: SGLang (front end, scheduler, detokenizer) over
+PUSH / PULL sockets, vLLM (front end, engine core) over PUSH / PULL and ROUTER / DEALER. Under a shared
+time (replayer.tree) every message on such a socket is counted from send to receipt, blocking receives and
+pollers wait on the virtual clock (so an idle process lets time jump), and a process that launches device
+work waits after each send until the others are quiet (tree.wait_quiet). Sockets of other kinds pass
+through untouched.
+
+A channel is one direction of an endpoint: 'ADDRESS>bind' carries what connected sockets send to the bound
+one (a PULL, a ROUTER), 'ADDRESS>connect' the replies a bound ROUTER sends back.
 """
 
 from __future__ import annotations
@@ -29,34 +33,37 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
     from zmq.backend import zmq_poll
 
     clock = emu.clock
-    channels: dict[int, str] = {}  # socket handle → endpoint, for PUSH and PULL sockets
+    channels: dict[int, tuple[str, str]] = {}  # socket handle → (channel it sends on, channel it reads)
+    senders, readers = (zmq.PUSH, zmq.ROUTER, zmq.DEALER), (zmq.PULL, zmq.ROUTER, zmq.DEALER)
     sock_cls = zmq.Socket
     real_bind, real_connect = sock_cls.bind, sock_cls.connect
     real_send, real_recv = sock_cls.send, sock_cls.recv
     real_poll = zmq.Poller.poll
 
-    def remember(sock, addr) -> None:
+    def remember(sock, addr, side: str) -> None:
         kind = sock.socket_type
-        if kind in (zmq.PUSH, zmq.PULL):
+        if kind in senders or kind in readers:
             addr = addr.decode() if isinstance(addr, bytes) else str(addr)
-            channels[sock.underlying] = addr
-            if kind == zmq.PULL:
-                tree.reads(addr)
+            other = "connect" if side == "bind" else "bind"
+            channels[sock.underlying] = (f"{addr}>{other}", f"{addr}>{side}")
+            if kind in readers:
+                tree.reads(f"{addr}>{side}")
 
     def bind(self, addr):
         result = real_bind(self, addr)
-        remember(self, addr)
+        remember(self, addr, "bind")
         return result
 
     def connect(self, addr):
         result = real_connect(self, addr)
-        remember(self, addr)
+        remember(self, addr, "connect")
         return result
 
     def send(self, data, flags=0, copy=True, track=False, **kwargs):
-        addr = channels.get(self.underlying) if self.socket_type == zmq.PUSH else None
-        if addr is None or flags & zmq.SNDMORE:
+        ends = channels.get(self.underlying) if self.socket_type in senders else None
+        if ends is None or flags & zmq.SNDMORE:
             return real_send(self, data, flags, copy=copy, track=track, **kwargs)
+        addr = ends[0]
         tree.sent(addr, clock.thread_now())  # counted before it can arrive
         try:
             result = real_send(self, data, flags, copy=copy, track=track, **kwargs)
@@ -68,9 +75,10 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
         return result
 
     def recv(self, flags=0, copy=True, track=False):
-        addr = channels.get(self.underlying) if self.socket_type == zmq.PULL else None
-        if addr is None:
+        ends = channels.get(self.underlying) if self.socket_type in readers else None
+        if ends is None:
             return real_recv(self, flags, copy=copy, track=track)
+        addr = ends[1]
         ready = lambda s: bool(zmq_poll([(self, zmq.POLLIN)], int(s * 1000) or 1))
         if self.rcvmore:
             pass

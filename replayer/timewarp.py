@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing.connection
 import os
 import queue
 import selectors
@@ -143,6 +144,29 @@ def install(emu: Emulator, patch: Patcher) -> None:
     # The C SimpleQueue blocks where the clock cannot see (thread pools wait on one for work); the pure
     # Python one waits on a condition, in virtual time. Queues made while emulating get it.
     patch.set(queue, "SimpleQueue", queue._PySimpleQueue)
+
+    def wait_ready(object_list, timeout=None):
+        # multiprocessing's wait on pipes and process sentinels (vLLM watches its engine core with one,
+        # a second at a time) waits in virtual time. Its own loop re-reads time.monotonic until a timeout
+        # passes, which spins while virtual time stands still: readiness is probed with a selector instead.
+        ready = _ready(object_list, 0)
+        if ready or timeout == 0:
+            return ready
+        if not emu.active:
+            return _ready(object_list, timeout)
+        found: list = []
+
+        def probe(seconds: float) -> bool:
+            found[:] = _ready(object_list, seconds)
+            return bool(found)
+
+        # From the later of the thread's time and the process's: a watcher woken at an early instant would
+        # otherwise find its every deadline passed, and spin.
+        deadline = None if timeout is None else max(clock.thread_now(), clock.now) + timeout
+        clock.block(deadline, None, wait=probe)
+        return found or _ready(object_list, 0)
+
+    patch.set(multiprocessing.connection, "wait", wait_ready)
     old_policy = asyncio.get_event_loop_policy()
     real_set_policy = asyncio.set_event_loop_policy
     patch.on_restore(lambda: real_set_policy(old_policy))
@@ -275,6 +299,15 @@ class _VirtualSelector(selectors.BaseSelector):
         finally:
             self.wake = None
         return self._sel.select(0)
+
+
+def _ready(object_list, seconds: float | None) -> list:
+    """The objects of `object_list` (connections, sockets, process sentinels) readable within `seconds` of
+    real time, as multiprocessing.connection.wait finds them."""
+    with multiprocessing.connection._WaitSelector() as selector:
+        for obj in object_list:
+            selector.register(obj, selectors.EVENT_READ)
+        return [key.fileobj for key, _ in selector.select(seconds)]
 
 
 class VirtualLoop(asyncio.SelectorEventLoop):

@@ -43,11 +43,13 @@ _SLOT_AT = _HEADER_SIZE
 _CHANNEL_AT = _SLOT_AT + _SLOTS * _SLOT.size
 _SIZE = _CHANNEL_AT + _CHANNELS * _CHANNEL.size
 
-_FREE, _BUSY, _IDLE = 0, 1, 2
+_FREE, _BUSY, _IDLE, _STARTING = 0, 1, 2, 3
 _INF = float("inf")
 # Real seconds a sender waits for the others to go quiet before it counts a stall and goes on (a process
 # blocked where the emulator cannot see, a message nobody reads).
 QUIET_GRACE = 2.0
+# Seconds (real) a process that has not met the clock yet holds time back: its start-up.
+STARTUP_GRACE = 60.0
 # Real seconds within which a sent message lands in its reader's socket (ZeroMQ over ipc: microseconds).
 LANDING = 0.2
 
@@ -76,23 +78,33 @@ class Tree:
 
     @classmethod
     def join(cls, path: Path, report=None) -> Tree:
-        """Take a slot and leave it at exit. The process counts as idle until one of its threads meets the
-        clock (`busy`): a helper process that never does (multiprocessing's resource tracker) must not
-        hold time back. `report()` is called each time this process sends a message or goes idle: an
-        engine kills its workers at shutdown (SIGKILL, no atexit), and their last act is a send."""
+        """Take a slot and leave it at exit. The process is starting until one of its threads meets the
+        clock (`busy`): time does not jump while it imports its engine (vLLM's front end polls for the
+        engine core's handshake with a timeout), for at most STARTUP_GRACE seconds of real time, after which
+        a helper that never meets the clock no longer holds time back. `report()` is called each time this
+        process sends a message or goes idle: an engine kills its workers at shutdown (SIGKILL, no atexit),
+        and their last act is a send."""
         tree = cls(path)
         tree.report = report
-        with tree._locked():
-            for i in range(_SLOTS):
-                pid, _, _ = tree._slot(i)
-                if pid == 0 or not _alive(pid):
-                    tree.slot = i
-                    tree._set_slot(i, tree.pid, _IDLE, _INF)
-                    break
-        if tree.slot < 0:
-            raise RuntimeError(f"{path}: more than {_SLOTS} emulated processes share one time")
+        tree.slot = tree.expect(tree.pid)
         atexit.register(tree.leave)
         return tree
+
+    def expect(self, pid: int) -> int:
+        """Process `pid` is starting (a child just started, or this process joining): it holds time back
+        from now until it meets the clock, as if it had joined. Returns its slot."""
+        with self._locked():
+            free = None
+            for i in range(_SLOTS):
+                p, state, _ = self._slot(i)
+                if p == pid:
+                    return i  # expected by its parent, or already joined
+                if free is None and (p == 0 or not _alive(p)):
+                    free = i
+            if free is None:
+                raise RuntimeError(f"{self.path}: more than {_SLOTS} emulated processes share one time")
+            self._set_slot(free, pid, _STARTING, _real_monotonic())
+            return free
 
     def leave(self) -> None:
         if self.slot >= 0 and not self._map.closed:
@@ -131,10 +143,20 @@ class Tree:
                 pid, state, d = self._slot(i)
                 if pid == 0 or state == _FREE or not _alive(pid):  # a killed process waits for nothing
                     continue
+                if state == _STARTING:
+                    if _real_monotonic() - d < STARTUP_GRACE:
+                        return now
+                    continue
                 if state != _IDLE:
                     return now
                 earliest = min(earliest, d)
             if now < earliest < _INF:
+                if os.environ.get("REVATI_TREE_DEBUG") and earliest - now > 1:
+                    print(
+                        f"revati tree: {self.pid} jumps {now:.3f} -> {earliest:.3f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 now = earliest
                 _T.pack_into(self._map, 0, now)
             return now
@@ -190,7 +212,8 @@ class Tree:
         return {
             "T": self.now(),
             "processes": {
-                pid: ("busy", "idle")[state - 1] + (f"@{d:.6f}" if d < _INF else "")
+                pid: ("busy", "idle", "starting")[state - 1]
+                + (f"@{d:.6f}" if d < _INF and state == _IDLE else "")
                 for pid, state, d in slots
                 if pid
             },
@@ -211,7 +234,9 @@ class Tree:
                 pid, state, deadline = self._slot(i)
                 if i == self.slot or not pid or not _alive(pid):
                     continue
-                if state == _BUSY or (state == _IDLE and deadline <= now):  # running, or due to wake
+                if state == _BUSY or (
+                    state == _IDLE and deadline <= now
+                ):  # running, or due to wake (not starting)
                     return False
             return True
 

@@ -846,15 +846,24 @@ def _fail(message: str, code: int) -> None:
 
 
 def _check_installed(engine: str) -> None:
-    """Engines with requirements of their own (SGLang) say how to get them."""
+    """Engines with requirements of their own (SGLang, vLLM) say how to get them."""
     import importlib.util
 
-    if engine.startswith("sglang") and importlib.util.find_spec("sglang") is None:
-        raise BadInput(
-            f"the {engine} engine needs SGLang, which this Python environment lacks: `make sglang-venv` "
-            "builds .venv-sglang with it (CPU torch, SGLang without its CUDA kernels); then run "
-            f".venv-sglang/bin/revati emulate --engine {engine} ..."
-        )
+    for package, name, target, venv, how in (
+        ("sglang", "SGLang", "sglang-venv", ".venv-sglang", "CPU torch, SGLang without its CUDA kernels"),
+        (
+            "vllm",
+            "vLLM",
+            "vllm-venv",
+            ".venv-vllm",
+            "CPU torch, vLLM's CUDA wheel without loading its kernels",
+        ),
+    ):
+        if engine.startswith(package) and importlib.util.find_spec(package) is None:
+            raise BadInput(
+                f"the {engine} engine needs {name}, which this Python environment lacks: `make {target}` "
+                f"builds {venv} with it ({how}); then run {venv}/bin/revati emulate --engine {engine} ..."
+            )
 
 
 def _plan(engine, model, gpu_name, workload_spec, profile, host_time, out, dtype) -> dict:

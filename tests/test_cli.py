@@ -43,7 +43,7 @@ HEADER = "arrival,prompt_tokens,output_tokens\n"
 BAD_INPUTS = [
     pytest.param(["--model", "gpt-17"], {}, ["unknown model 'gpt-17'", "tiny-llama"], id="unknown-model"),
     pytest.param(["--gpu", "b999"], {}, ["unknown GPU 'b999'", "h100"], id="unknown-gpu"),
-    pytest.param(["--engine", "vllm"], {}, ["unknown engine 'vllm'", "hf-cb"], id="unknown-engine"),
+    pytest.param(["--engine", "tgi"], {}, ["unknown engine 'tgi'", "hf-cb"], id="unknown-engine"),
     pytest.param(["--host-time", "sometimes"], {}, ["--host-time", "'sometimes'"], id="bad-host-time"),
     pytest.param(
         ["--workload", "{tmp}/trace.csv"],
@@ -304,12 +304,15 @@ def test_sglang_without_sglang_installed_says_how_to_get_it_and_records_are_refu
     import importlib.util
 
     real = importlib.util.find_spec
-    missing = lambda name, *a: None if name == "sglang" else real(name, *a)  # noqa: E731
+    missing = lambda name, *a: None if name in ("sglang", "vllm") else real(name, *a)  # noqa: E731
     monkeypatch.setattr(importlib.util, "find_spec", missing)
     runner = CliRunner()
     result = runner.invoke(app, ["emulate", "--engine", "sglang", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2
     assert "make sglang-venv" in result.output and not (tmp_path / "e").exists()
+    result = runner.invoke(app, ["emulate", "--engine", "vllm", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2
+    assert "make vllm-venv" in result.output and not (tmp_path / "e").exists()
     record = runner.invoke(
         app, ["record", "--device", "cpu", "--engine", "sglang", "--out", str(tmp_path / "r")]
     )

@@ -117,7 +117,7 @@ def test_cb_adds_a_late_request_to_the_running_batch(model):
 
 def test_unknown_engine_and_option_are_named():
     with pytest.raises(ValueError, match="engines: hf-generate, hf-cb, hf-serve"):
-        run_engine("vllm", None, [Request("r", 0.0, 1, 1)])
+        run_engine("tgi", None, [Request("r", 0.0, 1, 1)])
     with pytest.raises(ValueError, match="no option 'batch_sise'.*batch_size"):
         run_engine("hf-generate", None, [Request("r", 0.0, 1, 1)], batch_sise=4)
 

@@ -16,13 +16,13 @@ pytest.importorskip("zmq")
 ENGINE = Path(__file__).parent / "fixtures" / "tree" / "engine.py"
 
 
-def _serve(arrivals: list[float], tmp_path: Path) -> tuple[dict, list[dict]]:
+def _serve(arrivals: list[float], tmp_path: Path, front: str = "front") -> tuple[dict, list[dict]]:
     results = tmp_path / "results"
     results.mkdir()
     shared = tree.create(tmp_path)
     env = {**os.environ, **ranks.worker_environment("h100", None, "deterministic", results, shared)}
     proc = subprocess.run(
-        [sys.executable, str(ENGINE), "front", json.dumps(arrivals), str(tmp_path)],
+        [sys.executable, str(ENGINE), front, json.dumps(arrivals), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,10 +31,10 @@ def _serve(arrivals: list[float], tmp_path: Path) -> tuple[dict, list[dict]]:
     return seen, figures
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    # request 1 arrives while request 0 is computing; request 2 after a long idle stretch
-    return _serve([0.0, 0.001, 500.0], tmp_path_factory.mktemp("tree"))
+# request 1 arrives while request 0 is computing; request 2 after a long idle stretch
+@pytest.fixture(scope="module", params=["front", "core"], ids=["sglang-like", "vllm-like"])
+def served(tmp_path_factory, request):
+    return _serve([0.0, 0.001, 500.0], tmp_path_factory.mktemp("tree"), request.param)
 
 
 def test_the_worker_is_emulated_and_the_front_end_reads_its_send_times(served):
@@ -63,3 +63,10 @@ def test_idle_time_is_skipped_across_processes(served):
     assert last["start"] == pytest.approx(last["sent"], abs=1e-9)
     assert seen["virtual"] > 500.0
     assert seen["wall_ns"] < 60e9  # 500 virtual seconds of waiting took no such wall time
+
+
+def test_time_stands_still_while_a_started_worker_starts_up(served):
+    seen, _ = served
+    # The vLLM-like front end polls for the handshake 5 virtual seconds at a time while its spawned worker
+    # imports torch for real: a process that exists but has not met the clock yet holds time back.
+    assert seen["ready"]["waited"] < 1.0

@@ -408,3 +408,51 @@ def test_ops_captured_into_a_graph_are_marked_in_the_op_log(emulate):
     mm = [flag for name, flag in zip(rows["name"], rows["in_graph"], strict=True) if name == "aten::mm"]
     assert mm == [False, True]
     assert min(rows["stream"]) >= 0
+
+
+# -- what vLLM's engine core leans on ----------------------------------------------------------------
+
+
+def test_unbind_split_and_chunk_are_views_that_allocate_nothing(emulate):
+    emulate()
+    x = torch.zeros(4, 256, dtype=torch.int32, device="cuda")
+    before = torch.cuda.memory_allocated()
+    parts = [*x.unbind(0), *x.split(2), *x.chunk(4, dim=1)]
+    assert torch.cuda.memory_allocated() == before  # they view x's storage (a list of views, `Tensor(a)[]`)
+    x[1, 3] = 7
+    assert parts[1][3].item() == 7 and parts[4][1, 3].item() == 7  # and see its writes
+
+
+def test_inference_mode_views_and_writes_of_tensors_made_outside_it(emulate):
+    emulate()
+    ids = torch.zeros(10, dtype=torch.int32, device="cuda")  # a buffer allocated once, before serving
+    logits = torch.empty(4, 1000, device="cuda")
+    with torch.inference_mode():
+        ids[2:4] = 5  # a view of a normal tensor, made in inference mode, written through
+        rows = list(logits)  # unbind
+        host = ids.cpu()  # `to` reaches the emulator undecomposed in inference mode
+    assert host.tolist() == [0, 0, 5, 5, 0, 0, 0, 0, 0, 0]
+    assert type(host) is torch.Tensor and len(rows) == 4
+
+
+def test_factories_under_a_cuda_device_context_build_virtual_tensors(emulate):
+    emulate()
+    with torch.device("cuda"):  # how engines build models: layers make their buffers with torch.tensor
+        scale = torch.tensor(1.0)
+        table = torch.as_tensor([1, 2, 3])
+    assert type(scale) is VTensor and type(table) is VTensor and scale.dtype == torch.float32
+    assert table.tolist() == [1, 2, 3]
+
+
+def test_a_multiprocessing_wait_with_a_timeout_waits_in_virtual_time(emulate):
+    import multiprocessing.connection
+
+    emu = emulate()
+    reader, writer = multiprocessing.connection.Pipe(duplex=False)
+    start, real = time.perf_counter(), _real_perf_counter()
+    assert multiprocessing.connection.wait([reader], timeout=30) == []  # nothing written: the timeout
+    assert time.perf_counter() - start == pytest.approx(30, abs=1e-6)  # 30 s passed on the virtual clock
+    assert _real_perf_counter() - real < 5
+    writer.send(1)
+    assert multiprocessing.connection.wait([reader], timeout=30) == [reader]
+    assert emu.clock.now - start < 1  # ready at once: no time passed

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from transformers import PreTrainedModel
 
-from revati.engines import hf_cb, hf_generate, hf_serve, sglang
+from revati.engines import hf_cb, hf_generate, hf_serve, sglang, vllm
 from revati.engines.observer import Observer
 from revati.metrics import RequestResult
 from revati.workloads import Request
@@ -29,9 +29,10 @@ ENGINES: dict[str, Callable[..., list[RequestResult]]] = {
     "hf-serve": hf_serve.run,
     "sglang": sglang.run,
     "sglang-serve": sglang.serve,
+    "vllm": vllm.run,
 }
 # Engines that build the model themselves, in a process of their own: they take the model's config.
-OWN_MODEL = {"sglang", "sglang-serve"}
+OWN_MODEL = {"sglang", "sglang-serve", "vllm"}
 
 _COMMON = {"model", "requests", "observer", "on_result"}
 
@@ -51,7 +52,7 @@ def run_engine(
     on_result: Callable[[RequestResult], None] | None = None,
     **options,
 ) -> list[RequestResult]:
-    """Serve `requests` with engine `name` ('hf-generate', 'hf-cb', 'hf-serve', 'sglang'); results in request
+    """Serve `requests` with engine `name` (ENGINES); results in request
     order. `model` is a built model, or for the engines in OWN_MODEL its config."""
     accepted = engine_options(name)
     unknown = sorted(options.keys() - accepted.keys())

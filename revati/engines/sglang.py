@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from revati.engines.http import events, loopback_socket, started
-from revati.engines.observer import Observer, serving_started
-from revati.engines.prompts import prompt_ids
+from revati.engines.observer import Observer
+from revati.engines.streaming import checked, serve_streams
 from revati.metrics import RequestResult
 from revati.workloads import Request
 
@@ -169,7 +169,7 @@ async def _serve_http(app, sock, config, requests, observer, on_result) -> dict[
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as client:
             generate = lambda r, ids, t0: _post(client, r, ids, t0)  # noqa: E731
-            return await _serve_with(generate, config, requests, observer, on_result)
+            return await serve_streams(generate, config, requests, observer, on_result)
     finally:
         server.should_exit = True
         await asyncio.gather(serving, return_exceptions=True)
@@ -181,36 +181,12 @@ async def _post(client, request: Request, ids: list[int], t0: float) -> list[flo
     times: list[float] = []
     async for now, event in events(client, "/generate", body, f"sglang-serve: request {request.request_id}"):
         times.extend([now - t0] * (event["meta_info"]["completion_tokens"] - len(times)))
-    return _checked(request, times)
+    return checked("sglang", request, times)
 
 
 async def _serve(engine, config, requests, observer, on_result) -> dict[str, RequestResult]:
     generate = lambda r, ids, t0: _generate(engine, r, ids, t0)  # noqa: E731
-    return await _serve_with(generate, config, requests, observer, on_result)
-
-
-async def _serve_with(generate, config, requests, observer, on_result) -> dict[str, RequestResult]:
-    """A warm-up request, then t0, then each request sent at t0 + its arrival through `generate`."""
-    warmup = Request("revati-warmup", 0.0, 8, 2)
-    await generate(warmup, prompt_ids(warmup, config), time.perf_counter())
-    t0 = time.perf_counter()
-    serving_started(observer)
-    done = await asyncio.gather(*(_send(generate, r, prompt_ids(r, config), t0, on_result) for r in requests))
-    return {r.request_id: r for r in done}
-
-
-async def _send(generate, request: Request, ids: list[int], t0: float, on_result) -> RequestResult:
-    remaining = t0 + request.arrival - time.perf_counter()
-    while remaining > 0:
-        await asyncio.sleep(remaining)
-        remaining = t0 + request.arrival - time.perf_counter()
-    times = await generate(request, ids, t0)
-    result = RequestResult(
-        request.request_id, request.arrival, request.prompt_tokens, request.output_tokens, times
-    )
-    if on_result is not None:
-        on_result(result)
-    return result
+    return await serve_streams(generate, config, requests, observer, on_result)
 
 
 async def _generate(engine, request: Request, ids: list[int], t0: float) -> list[float]:
@@ -220,20 +196,11 @@ async def _generate(engine, request: Request, ids: list[int], t0: float) -> list
     async for chunk in stream:
         now = time.perf_counter() - t0
         times.extend([now] * (chunk["meta_info"]["completion_tokens"] - len(times)))
-    return _checked(request, times)
+    return checked("sglang", request, times)
 
 
 def _sampling(request: Request) -> dict:
     return {"max_new_tokens": request.output_tokens, "ignore_eos": True, "temperature": 0.0}
-
-
-def _checked(request: Request, times: list[float]) -> list[float]:
-    if len(times) != request.output_tokens:
-        raise RuntimeError(
-            f"sglang: request {request.request_id} produced {len(times)} tokens, "
-            f"expected {request.output_tokens}"
-        )
-    return times
 
 
 def _cancel_tasks(loop) -> None:

@@ -1,0 +1,175 @@
+"""Triton kernel launches on the virtual device.
+
+`JITFunction.run` is where every `kernel[grid](...)` launch lands (through `@triton.autotune` and
+`@triton.heuristics` too); while emulating, a launch with a virtual tensor among its arguments compiles
+nothing and runs no GPU code. It is one kernel on the clock, keyed 'triton::<kernel name>', with features
+from its grid and arguments: `programs` (the grid's size) and `bytes` (its tensor arguments' sizes; a
+kernel that reads part of a large buffer is better described by a rule of its own, below).
+
+What it computes:
+- every tensor argument has a value (positions, slot mappings, block tables: integer metadata), or those
+  without are buffers the kernel is known to only update (`_SCRATCH`) -> the kernel runs in Triton's
+  interpreter on the values, exactly (`_interpret`);
+- otherwise the arguments it stores to (read from its source: pointers named in `tl.store`) lose their
+  values, unless a rule for the kernel says what they hold (`@rule("_gumbel_sample_kernel")`: sampled token
+  ids from the token oracle).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import math
+import textwrap
+from collections.abc import Callable
+
+import torch
+
+from replayer import session
+from replayer.tensor import VTensor
+
+# Kernels that compute exact metadata while one of their buffers is too large to keep a value: that buffer
+# lends scratch memory to the interpreter (`_interpret`). vLLM's post-sampling update also counts each
+# request's tokens over the whole vocabulary (max requests x 128k for Llama 3: no value kept).
+_SCRATCH = {"_post_update_kernel": {"output_bin_counts_ptr"}}
+
+Rule = Callable[[dict, object], None]  # (bound arguments by name, emulator) -> None
+_rules: dict[str, Rule] = {}
+
+
+def rule(*kernels: str) -> Callable[[Rule], Rule]:
+    """Register what kernels write when their inputs have no values: `@rule("_my_kernel") def f(a, emu)`."""
+
+    def register(fn: Rule) -> Rule:
+        for name in kernels:
+            _rules[name] = fn
+        return fn
+
+    return register
+
+
+def install(patch) -> None:
+    """Intercept Triton launches on virtual tensors until `patch.restore()` (no-op without Triton)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+    real_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup or not any(type(a) is VTensor for a in (*args, *kwargs.values())):
+            return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return launch(self, args, kwargs, grid)
+
+    patch.set(JITFunction, "run", run)
+
+
+def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
+    """One launch of `kernel` (a JITFunction) over `grid` on the virtual device."""
+    emu = session.current()
+    names = _arg_names(kernel)
+    bound = dict(zip(names, args, strict=False))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    if callable(grid):
+        grid = grid({**kwargs, **bound})
+    programs = math.prod(int(g) for g in grid)
+    tensors = [t for t in bound.values() if isinstance(t, torch.Tensor)]
+    name = kernel.fn.__name__
+    features = {
+        "programs": float(programs),
+        "bytes": float(sum(t.numel() * t.element_size() for t in tensors)),
+    }
+    key = f"triton::{name}"
+    d = emu.dispatcher
+    emu.clock.hold()
+    try:
+        duration = emu.cost.device_time(key, features, tensors[0].dtype if tensors else None)
+        sig = d.external_signature(key, features, duration, emu.cost.host_time(key))
+        d._priced(key, tensors[0].dtype if tensors else None, duration)
+    finally:
+        emu.clock.release()
+    unknown = [k for k, v in bound.items() if type(v) is VTensor and v.value() is None]
+    if name not in _rules and set(unknown) <= _SCRATCH.get(name, set()):
+        _interpret(kernel, bound, kwargs, grid, unknown)
+    else:
+        for arg in _stored(kernel):
+            t = bound.get(arg)
+            if type(t) is VTensor:
+                t._vstorage.value = None
+        if name in _rules:
+            _rules[name](bound, emu)
+    d.ops += 1
+    emu.account(sig)
+
+
+def _interpret(kernel, bound: dict, kwargs: dict, grid, unknown: list[str]) -> None:
+    """Run the kernel on the arguments' values. An integer buffer too large to keep a value (vLLM's
+    per-request token counts over the vocabulary) lends scratch memory of its size: what the kernel computes
+    from the others stays exact, and the buffer itself stays unknown."""
+    values = {k: (v.value() if type(v) is VTensor else v) for k, v in bound.items()}
+    for k in unknown:
+        t = bound[k]
+        values[k] = (
+            _scratch(t._vstorage.nbytes).view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
+        )
+    extra = {k: v for k, v in kwargs.items() if k not in bound}
+    _interpreted(kernel)[tuple(grid)](**values, **extra)
+    for k in unknown:
+        bound[k]._vstorage.value = None
+
+
+@functools.lru_cache(maxsize=4)
+def _scratch(nbytes: int) -> torch.Tensor:
+    # Uninitialised: the pages the kernel never touches are never committed.
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+
+@functools.cache
+def _interpreted(kernel):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(kernel.fn)
+
+
+@functools.cache
+def _arg_names(kernel) -> list[str]:
+    return list(inspect.signature(kernel.fn).parameters)
+
+
+@functools.cache
+def _stored(kernel) -> frozenset[str]:
+    """The kernel's parameters named in the address of a `tl.store` (or atomic), directly or through the
+    local variables computed from them: what it may write."""
+    names = set(_arg_names(kernel))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.fn)))
+    sources: dict[str, set[str]] = {}  # local variable -> the names its assignments read
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            read = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+            for target in node.targets:
+                for n in ast.walk(target):
+                    if isinstance(n, ast.Name):
+                        sources.setdefault(n.id, set()).update(read)
+    written: set[str] = set()
+    for node in ast.walk(tree):
+        call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args
+        if call and (node.func.attr == "store" or node.func.attr.startswith("atomic_")):
+            written |= {n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name)}
+    seen: set[str] = set()
+    while written - seen:  # follow locals back to the parameters they came from
+        name = (written - seen).pop()
+        seen.add(name)
+        written |= sources.get(name, set())
+    return frozenset(written & names)
+
+
+@rule("_gumbel_sample_kernel")
+def _gumbel_sample(a: dict, emu) -> None:
+    """vLLM's sampler: each (token, vocabulary block) program writes its block's argmax; every block gets
+    the oracle's token, so whichever block wins, the token is the oracle's."""
+    out = a["local_argmax_ptr"]
+    rows, blocks = out.shape
+    ids = emu.oracle.token_ids((rows,), int(a["vocab_size"]), "triton::_gumbel_sample_kernel")
+    out._value = ids.to(out.dtype)[:, None].expand(rows, blocks).clone()
+    out._vstorage.value = True

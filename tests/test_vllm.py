@@ -1,0 +1,153 @@
+"""vLLM's own engine under emulation (make test-vllm: needs .venv-vllm, see the Makefile)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from replayer import shims, vllm  # noqa: E402
+from replayer.run import EmulationConfig, emulate  # noqa: E402
+from replayer.session import Emulator  # noqa: E402
+from revati.cost import Roofline  # noqa: E402
+from revati.hardware import gpu  # noqa: E402
+from revati.models import load_config, param_bytes  # noqa: E402
+from revati.workloads import Request, Workload  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+H100 = gpu("h100")
+# A tiny model: vLLM sizes its KV cache to the free memory of the virtual GPU and its blocks are tiny.
+OPTIONS = {"max_model_len": 1024, "gpu_memory_utilization": 0.05, "max_num_seqs": 16}
+
+
+def _emulate(requests: list[Request]):
+    config = EmulationConfig(engine="vllm", model="tiny-llama", gpu="h100", options=OPTIONS)
+    return emulate(config, Workload("test", tuple(requests)), H100, Roofline(H100), load_config("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def served():
+    lengths = [(12, 5), (40, 9), (7, 14), (25, 3), (60, 11), (9, 7)]
+    requests = [Request(f"r{i}", 0.02 * i, p, o) for i, (p, o) in enumerate(lengths)]
+    return requests, _emulate(requests)
+
+
+def test_every_request_gets_exactly_its_output_tokens(served):
+    requests, result = served
+    assert [len(r.token_times) for r in result.results] == [r.output_tokens for r in requests]
+    for r in result.results:
+        assert r.token_times == sorted(r.token_times) and r.token_times[0] > r.arrival
+    # vLLM's sampler is a Triton kernel: its token ids came from the token oracle, through the kernel's rule
+    assert result.synthesized.get("triton::_gumbel_sample_kernel", 0) > 0
+
+
+def test_the_engine_core_process_is_emulated_on_the_virtual_gpu(served):
+    _, result = served
+    assert result.processes >= 2  # the front end here, vLLM's engine core in a process of its own
+    assert result.ops > 5_000  # the model's ops ran in the engine core, on the virtual device
+    # its virtual allocator held the weights and the KV cache vLLM sized from the free memory it was shown
+    config = load_config("tiny-llama")
+    assert result.peak_memory >= param_bytes(config, torch.bfloat16) + 0.04 * H100.memory_bytes
+    assert result.clock_stalls == 0
+    # the shimmed kernels ran, priced: attention as attention, the KV-cache write, vLLM's fused norms
+    assert "_C_cache_ops::reshape_and_cache_flash" in result.unfitted  # the roofline prices it (no profile)
+
+
+def test_a_request_arriving_during_a_busy_step_queues():
+    alone = _emulate([Request("late", 0.0005, 16, 4)]).results[0]
+    early, late = _emulate([Request("early", 0.0, 900, 4), Request("late", 0.0005, 16, 4)]).results
+    # it arrived while the early request's prefill ran, and was taken up at the next step
+    assert late.first_token > alone.first_token
+    assert late.first_token >= early.first_token
+
+
+def test_the_platform_plugin_answers_only_while_emulating():
+    code = "from vllm.platforms import current_platform as p; print(type(p).__module__, type(p).__name__)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REVATI_")}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "replayer.vllm_platform" not in plain.stdout  # a plain vLLM process: vLLM's own detection
+    with vllm.environment("h100", None, "deterministic"):  # what an emulated run gives its processes
+        emulated = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert emulated.stdout.split()[-2:] == ["replayer.vllm_platform", "Emulated"], emulated.stderr[-2000:]
+    assert vllm.platform() is None  # and in this process, no longer
+
+
+class _Costs(Roofline):
+    """The roofline, remembering the features of every op it priced."""
+
+    def __init__(self, gpu_spec):
+        super().__init__(gpu_spec)
+        self.priced: dict[str, dict] = {}
+
+    def device_time(self, key, features, dtype):
+        self.priced[key] = dict(features)
+        return super().device_time(key, features, dtype)
+
+
+def test_vllm_flash_attention_runs_as_one_priced_attention_kernel():
+    shims.install()
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    cost = _Costs(H100)
+    with Emulator(H100, cost, ops="none") as emu:
+        batch, q_len, heads, kv_heads, dim, blocks, block = 4, 128, 32, 8, 128, 64, 16
+        q = torch.empty(batch * q_len, heads, dim, dtype=torch.bfloat16, device="cuda")
+        k_cache = torch.empty(blocks, block, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+        cu = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device="cuda")
+        seqused = torch.full((batch,), q_len, dtype=torch.int32, device="cuda")
+        table = torch.arange(batch * 8, dtype=torch.int32, device="cuda").view(batch, 8)
+        out = torch.empty_like(q)
+        before = emu.clock.streams[0]
+        flash_attn_varlen_func(
+            q, k_cache, k_cache, max_seqlen_q=q_len, cu_seqlens_q=cu, max_seqlen_k=q_len, seqused_k=seqused,
+            causal=True, block_table=table, out=out, fa_version=3,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        features = cost.priced["revati::attention"]
+        assert features["batch"] == batch and features["heads"] == heads and features["kv_heads"] == kv_heads
+        # causal prefill: about half of the q_len² pairs, 2 · (dim + dim) flops each
+        assert features["flops"] == pytest.approx(2 * batch * heads * q_len * (q_len + 1) / 2 * 2 * dim)
+        expected = cost.device_time("revati::attention", features, torch.bfloat16)
+        assert emu.clock.streams[0] - before >= expected > 0
+
+
+def test_a_triton_launch_is_priced_and_computes_metadata_exactly():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _positions(start_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        start = tl.load(start_ptr + row)
+        tl.store(out_ptr + row * n + offs, start + offs, mask=offs < n)
+
+    @triton.jit
+    def _scale(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    cost = _Costs(H100)
+    with Emulator(H100, cost, ops="none") as emu:
+        starts = torch.tensor([0, 10, 40], dtype=torch.int64, device="cuda")
+        positions = torch.zeros(3, 4, dtype=torch.int64, device="cuda")
+        _positions[(3,)](starts, positions, 4, BLOCK=4)
+        # small integer metadata with values: the kernel ran in Triton's interpreter on them
+        assert positions.tolist() == [[0, 1, 2, 3], [10, 11, 12, 13], [40, 41, 42, 43]]
+        assert cost.priced["triton::_positions"]["programs"] == 3
+
+        x = torch.empty(1 << 20, device="cuda")  # activations: no values
+        y = torch.zeros(1 << 20, device="cuda")
+        before = emu.clock.streams[0]
+        _scale[(1 << 10,)](x, y, 1 << 20, BLOCK=1024)
+        torch.cuda.synchronize()
+        features = cost.priced["triton::_scale"]
+        assert features == {"programs": 1024.0, "bytes": 8.0 * (1 << 20)}
+        assert emu.clock.streams[0] - before >= cost.device_time("triton::_scale", features, torch.float32)
+        assert y.value() is None  # it stored to y: what y held is no longer known
