@@ -511,6 +511,19 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
         patch.set(torch, name, host_built(name))
     patch.set(Tensor, "to", to)
     patch.set(Tensor, "cuda", cuda)
+    real_new_tensor = Tensor.new_tensor
+
+    def new_tensor(self, data, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
+        # A copy of `data` with self's dtype, on self's device unless told: a virtual tensor's is cuda.
+        if not _is_cuda(device if device is not None else self.device):
+            return real_new_tensor(self, data, dtype=dtype, device=device, requires_grad=requires_grad)
+        dtype = dtype or self.dtype
+        if isinstance(data, VTensor):
+            return data.detach().to(dtype).clone().requires_grad_(requires_grad)
+        host = real_as_tensor(data, dtype=dtype, device="cpu").clone()
+        return emu.from_host(host, None).requires_grad_(requires_grad)
+
+    patch.set(Tensor, "new_tensor", new_tensor)
     patch.set(Tensor, "pin_memory", pin_memory)
     patch.set(Tensor, "is_pinned", is_pinned)
     # The caching allocator's note that another stream uses a block; the virtual allocator frees at once.

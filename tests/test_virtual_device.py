@@ -456,3 +456,13 @@ def test_a_multiprocessing_wait_with_a_timeout_waits_in_virtual_time(emulate):
     writer.send(1)
     assert multiprocessing.connection.wait([reader], timeout=30) == [reader]
     assert emu.clock.now - start < 1  # ready at once: no time passed
+
+
+def test_new_tensor_on_a_virtual_tensor_is_a_virtual_copy(emulate):
+    emulate()
+    logits = torch.empty(4, 1000, dtype=torch.float16, device="cuda")
+    table = logits.new_tensor([1, 2, 3], dtype=torch.int32)  # vLLM's sampler builds its constants so
+    assert type(table) is VTensor and table.dtype == torch.int32 and table.tolist() == [1, 2, 3]
+    assert type(logits.new_tensor([0.5])) is VTensor and logits.new_tensor([0.5]).dtype == torch.float16
+    host = torch.zeros(2).new_tensor([1.0, 2.0])
+    assert type(host) is torch.Tensor and host.tolist() == [1.0, 2.0]
