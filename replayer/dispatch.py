@@ -21,6 +21,8 @@ from replayer.tensor import _INTEGRAL, _STRIDED, Meta, VTensor, _wrap, make, met
 from revati.op_features import op_dtype, op_features
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from replayer.session import Emulator
 
 aten = torch.ops.aten
@@ -197,22 +199,10 @@ class Dispatcher:
             meta = sig.fast_view
             base = args[0] if meta is not None else None
             if meta is not None and type(base) is VTensor and base._value is None:  # a value-less view
-                if _inference_mode() and not base.is_inference():
-                    with _no_inference_mode():
-                        out = _wrap(
-                            VTensor,
-                            meta.shape,
-                            meta.stride,
-                            meta.offset,
-                            None,
-                            meta.dtype,
-                            _STRIDED,
-                            self.device,
-                        )
-                else:
-                    out = _wrap(
-                        VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
-                    )
+                wrap = _wrap if not _inference_mode() or base.is_inference() else _wrap_outside_inference
+                out = wrap(
+                    VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
+                )
                 out._d = meta
                 out._vstorage = base._vstorage
                 out._value = None
@@ -251,12 +241,15 @@ class Dispatcher:
         m = Meta.of_tensor(meta)
         return make(m, device, Storage(m.nbytes, self.allocator, True if value is not None else None), value)
 
-    def external_signature(self, key: str, features: dict, duration: float, host: float) -> Signature:
+    def external_signature(
+        self, key: str, features: dict, price: Callable[[], tuple[float, float]]
+    ) -> Signature:
         """The signature of an op issued outside aten (a collective of the virtual process group, a Triton
-        launch), from its key and features (for the op log)."""
+        launch), from its key and features; `price()` gives its (device, host) seconds, asked once."""
         ckey = (key, *sorted(features.items()))
         sig = self.cache.get(ckey)
         if sig is None:
+            duration, host = price()
             sig = Signature(
                 key=key, duration=duration, host=host, outs=[], kind=None, mutated=(), names=[],
                 value_ok=False, fast=None, fast_view=None, scalars=json.dumps(features, sort_keys=True),
@@ -402,11 +395,10 @@ class Dispatcher:
                     base = base[0]
                 meta = o[2]
                 storage = base._vstorage if type(base) is VTensor else self._new_storage(meta, value)
-                if _inference_mode() and type(base) is VTensor and not base.is_inference():
-                    with _no_inference_mode():
-                        results.append(make(meta, self.device, storage, value))
-                else:
-                    results.append(make(meta, self.device, storage, value))
+                outside = _inference_mode() and type(base) is VTensor and not base.is_inference()
+                results.append(
+                    (_make_outside_inference if outside else make)(meta, self.device, storage, value)
+                )
             else:
                 results.append(make(o[1], self.device, self._new_storage(o[1], value), value))
         if reals is None and func in _TOKEN_OPS:
@@ -613,6 +605,7 @@ def _collective(d: Dispatcher, func, args, kwargs):
     return out
 
 
+@functools.cache
 def _composite(func: OpOverload) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
 
@@ -631,6 +624,7 @@ def _runs_on_cpu(func: OpOverload) -> bool:
     )
 
 
+@functools.cache
 def _implemented_in_python(func: OpOverload) -> bool:
     """A library's own op whose CUDA kernel is Python (vLLM's attention layer op): it runs, on the virtual
     device, as the ops it calls. (On a CPU build of torch no compiled CUDA kernel exists to be found here.)"""
@@ -651,8 +645,16 @@ def _python_kernel(d: Dispatcher, func, args, kwargs):
 _inference_mode = torch.is_inference_mode_enabled
 
 
-def _no_inference_mode():
-    return torch.inference_mode(False)
+def _outside_inference(fn):
+    def made(*args):
+        with torch.inference_mode(False):
+            return fn(*args)
+
+    return made
+
+
+_wrap_outside_inference = _outside_inference(_wrap)
+_make_outside_inference = _outside_inference(make)
 
 
 def _generic(d: Dispatcher, func, args, kwargs):

@@ -226,7 +226,7 @@ class Emulator:
         d.ops += 1
         if self._log_ops:
             host, start, stream = launched
-            sig = d.external_signature(key, features, duration, host_cost)
+            sig = d.external_signature(key, features, lambda: (duration, host_cost))
             self.ops.append((d.ops, sig.sig_id, host, host_cost, start, duration, stream, self._iteration))
 
     def host_sync(self) -> None:
@@ -398,6 +398,11 @@ def _override_cuda_factories(patch: Patcher) -> None:
     patch.on_restore(lib._destroy)
 
 
+def _builds_on_cuda(device) -> bool:
+    """Whether a factory given `device` (None: the default one) builds on cuda."""
+    return _is_cuda(device) if device is not None else _default_is_cuda()
+
+
 def _default_is_cuda() -> bool:
     """Whether factories without a device build on cuda (`with torch.device("cuda"):`, set_default_device).
     Not torch.get_default_device(): for a device without an index it builds a tensor to find one."""
@@ -441,13 +446,13 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
 
     # Without a device these build on the default one, which `with torch.device("cuda"):` makes cuda.
     def tensor(data, *, dtype=None, device=None, requires_grad=False, pin_memory=False):
-        if _is_cuda(device) if device is not None else _default_is_cuda():
+        if _builds_on_cuda(device):
             host = real_tensor(data, dtype=dtype, device="cpu")
             return emu.from_host(host, None).requires_grad_(requires_grad)
         return real_tensor(data, dtype=dtype, device=device, requires_grad=requires_grad)
 
     def as_tensor(data, dtype=None, device=None):
-        if _is_cuda(device) if device is not None else _default_is_cuda():
+        if _builds_on_cuda(device):
             if isinstance(data, VTensor):
                 return data if dtype in (None, data.dtype) else data.to(dtype)
             return emu.from_host(real_as_tensor(data, dtype=dtype, device="cpu"), None)
@@ -459,7 +464,7 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
         real = getattr(torch, name)
 
         def factory(*args, device=None, **kwargs):
-            if _is_cuda(device) if device is not None else _default_is_cuda():
+            if _builds_on_cuda(device):
                 with torch.device("cpu"):
                     return emu.from_host(real(*args, **kwargs), None)
             return real(*args, device=device, **kwargs)

@@ -234,9 +234,8 @@ class Tree:
                 pid, state, deadline = self._slot(i)
                 if i == self.slot or not pid or not _alive(pid):
                     continue
-                if state == _BUSY or (
-                    state == _IDLE and deadline <= now
-                ):  # running, or due to wake (not starting)
+                # running, or due to wake; a process still starting is not waited for here
+                if state == _BUSY or (state == _IDLE and deadline <= now):
                     return False
             return True
 

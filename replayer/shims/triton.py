@@ -82,13 +82,8 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
     }
     key = f"triton::{name}"
     d = emu.dispatcher
-    emu.clock.hold()
-    try:
-        duration = emu.cost.device_time(key, features, tensors[0].dtype if tensors else None)
-        sig = d.external_signature(key, features, duration, emu.cost.host_time(key))
-        d._priced(key, tensors[0].dtype if tensors else None, duration)
-    finally:
-        emu.clock.release()
+    dtype = tensors[0].dtype if tensors else None
+    sig = d.external_signature(key, features, lambda: _price(emu, key, features, dtype))
     unknown = [k for k, v in bound.items() if type(v) is VTensor and v.value() is None]
     if name not in _rules and set(unknown) <= _SCRATCH.get(name, set()):
         _interpret(kernel, bound, kwargs, grid, unknown)
@@ -101,6 +96,17 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
             _rules[name](bound, emu)
     d.ops += 1
     emu.account(sig)
+
+
+def _price(emu, key: str, features: dict, dtype) -> tuple[float, float]:
+    """(device, host) seconds of a launch never priced before; the emulator's time stays off the clock."""
+    emu.clock.hold()
+    try:
+        duration = emu.cost.device_time(key, features, dtype)
+        emu.dispatcher._priced(key, dtype, duration)
+        return duration, emu.cost.host_time(key)
+    finally:
+        emu.clock.release()
 
 
 def _interpret(kernel, bound: dict, kwargs: dict, grid, unknown: list[str]) -> None:
