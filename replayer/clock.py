@@ -29,6 +29,8 @@ _ACTOR_GRACE = 10.0
 # Real time (s) between re-checks of a blocked thread; shorter when other processes share the time
 # (replayer.tree), since a jump or a message from them is seen only at a re-check.
 _POLL = 0.01
+# The share of real time a silent thread must spend on the CPU to count as working (Clock._progressing).
+_WORKING = 0.25
 _TREE_POLL = 0.001
 _TREE_RECHECK = 0.05  # real seconds between decisions on a shared time that has not changed
 
@@ -60,6 +62,7 @@ class _Thread:
     # An observer's own time: the virtual instant it was woken. It consumes no time while it runs, so
     # what it reads and the deadlines it sets do not depend on how fast it is scheduled for real.
     local: float | None = None
+    cpu_seen: tuple | None = None  # (real time, its CPU time) when a silent thread was last looked at
 
 
 @dataclass(eq=False)
@@ -499,6 +502,9 @@ class Clock:
                 continue
             if now_real - st.last_contact < (_ACTOR_GRACE if st.actor else _GRACE):
                 return
+            if self._progressing(st, now_real):
+                st.last_contact = now_real  # long Python work of its own (vLLM building its block pool)
+                return
             stalled.append(st.thread.name)
         while self._heap and self._heap[0].cancelled:
             heapq.heappop(self._heap)
@@ -527,6 +533,18 @@ class Clock:
             self.stalled_threads.update(stalled)
         self._wake(s.state, timed_out=True)
         _notify_all(self._cv)
+
+    @staticmethod
+    def _progressing(st: _Thread, now_real: float) -> bool:
+        """Whether a silent thread works (it used a quarter of the CPU time since the last look, or this is
+        the first look) rather than waits where the emulator cannot see (a C-level lock or socket: no CPU)."""
+        try:
+            cpu = time.clock_gettime(time.pthread_getcpuclockid(st.thread.ident))
+        except (OSError, TypeError, ValueError, AttributeError):  # the thread ended; no per-thread clocks
+            return False
+        last = st.cpu_seen
+        st.cpu_seen = (now_real, cpu)
+        return last is None or cpu - last[1] > _WORKING * (now_real - last[0])
 
     def _wake_due(self) -> bool:
         """With the lock held, in a shared time: take up the shared time and wake the sleepers it passed."""

@@ -156,6 +156,7 @@ class Graph:
     def capture_end(self):
         self._emu.clock.end_capture()
         self.captured = True
+        self._emu.graphs_captured += 1
 
     def replay(self):
         emu = self._emu

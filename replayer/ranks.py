@@ -250,6 +250,8 @@ def activate_from_env() -> None:
             "synthesized": emu.synthesized(),
             "unfitted": sorted(emu.dispatcher.unfitted),
             "clock_stalls": emu.clock.stalls,
+            "graphs_captured": emu.graphs_captured,
+            "graph_replays": emu.graph_replays,
             "wall_seconds": _real_perf_counter() - started,
         }
 

@@ -31,7 +31,7 @@ _real_perf_counter = time.perf_counter
 
 
 # What each engine that runs in processes of its own needs, applied around its run.
-_OWN_PROCESSES = {"sglang": sglang, "sglang-serve": sglang, "vllm": vllm}
+_OWN_PROCESSES = {"sglang": sglang, "sglang-serve": sglang, "vllm": vllm, "vllm-serve": vllm}
 
 
 @dataclass
@@ -68,6 +68,8 @@ class EmulationResult:
     clock_stalls: int = 0  # times the clock moved on a real-time guess (a thread blocked where it cannot see)
     processes: int = 1  # emulated processes (an engine's own: replayer.workers), figures summed over them
     unfitted: list[str] = field(default_factory=list)  # op keys priced without a model of their own
+    graphs_captured: int = 0  # CUDA graphs captured, over all processes
+    graph_replays: int = 0  # and replayed (each one O(1) advance of the clock)
 
     @property
     def warp(self) -> float:
@@ -184,6 +186,8 @@ def emulate(
         clock_stalls=emu.clock.stalls + sum(c["clock_stalls"] for c in children) + shared_stalls,
         processes=1 + len(children),
         unfitted=sorted(set(emu.dispatcher.unfitted).union(*(c.get("unfitted", []) for c in children))),
+        graphs_captured=emu.graphs_captured + sum(c.get("graphs_captured", 0) for c in children),
+        graph_replays=emu.graph_replays + sum(c.get("graph_replays", 0) for c in children),
     )
     if writer is not None:
         writer.append("ops", emu.take_op_rows())
@@ -198,6 +202,8 @@ def emulate(
             "clock_stalls": result.clock_stalls,
             "processes": result.processes,
             "unfitted": result.unfitted,
+            "graphs_captured": result.graphs_captured,
+            "graph_replays": result.graph_replays,
             "serving_origin": emu.origin,
             "options": options,  # as served: with what the emulated device added (size_for_workload)
             "wall_leak_us": emu.clock.leak * 1e6,

@@ -109,6 +109,7 @@ class Emulator:
         self.ops_sink = None  # called with the log full, between engine steps: writes it out
         self.iterations: list[dict] = []
         self.origin = 0.0  # virtual time when serving started (the engine's t0); trace times count from it
+        self.graphs_captured = 0
         self.graph_replays = 0
         self.active = False
         self.extra_syncs: Counter[str] = Counter()

@@ -29,13 +29,19 @@ ENVIRONMENT = {
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
 }
 
-# Engine arguments for a virtual GPU: eager decode (vLLM's torch.compile pipeline is not emulated).
-EMULATED: dict[str, object] = {"enforce_eager": True}
+# Engine arguments for a virtual GPU. vLLM's default compiles the model with torch.compile (Inductor
+# generating Triton kernels for a GPU that is not there) and replays piecewise CUDA graphs for mixed batches
+# and full ones for decode. Emulated: no torch.compile, the same full CUDA graphs for decode batches, mixed
+# batches eager. `enforce_eager=True` still turns graphs off.
+EMULATED: dict[str, object] = {"compilation_mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 
 
 def environment(gpu: str, profile: str | None, host_time: str):
-    """vLLM's processes emulated on one shared time (replayer.workers.environment)."""
-    return workers.environment(gpu, profile, host_time, ENVIRONMENT, tuple(map(str, STANDINS)))
+    """vLLM's processes emulated on one shared time (replayer.workers.environment). vLLM logs errors only,
+    unless VLLM_LOGGING_LEVEL says otherwise: its start-up information and its warnings about GPU libraries
+    it cannot load (DeepGEMM) would bury the run's progress."""
+    env = {**ENVIRONMENT, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+    return workers.environment(gpu, profile, host_time, env, tuple(map(str, STANDINS)))
 
 
 def platform() -> str | None:

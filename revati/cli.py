@@ -1050,6 +1050,8 @@ def _figures(result, plan) -> dict:
         clock_stalls=result.clock_stalls,
         processes=result.processes,
         unfitted_ops=result.unfitted,
+        graphs_captured=result.graphs_captured,
+        graph_replays=result.graph_replays,
         trace=str(result.trace_dir) if result.trace_dir else None,
     )
     return figures
@@ -1090,6 +1092,7 @@ def _print_table(f: dict, plan) -> None:
         ("synthesized values", f"{f['synthesized_values']} {_synth(f['synthesized'])}"),
         ("ops", f"{f['ops']:,} ({f['op_signatures']:,} distinct signatures)" + _processes(f)),
         ("not fitted", _unfitted(f)),
+        *([("CUDA graphs", _graphs(f))] if f.get("graphs_captured") else []),
         ("clock stalls", f"{f['clock_stalls']} (virtual time moved on a real-time guess; 0 is exact)"),
         ("cost model", f["cost_model"]),
         ("trace", f["trace"] or "-"),
@@ -1097,6 +1100,12 @@ def _print_table(f: dict, plan) -> None:
     for k, v in rows:
         summary.add_row(k, v)
     out_console.print(summary)
+
+
+def _graphs(f: dict) -> str:
+    return (
+        f"{f['graphs_captured']} captured, {f['graph_replays']:,} replays (each an O(1) advance of the clock)"
+    )
 
 
 def _processes(f: dict) -> str:

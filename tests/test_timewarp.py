@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from replayer import clock
 from replayer.clock import _ACTOR_GRACE
 
 _real_perf_counter = time.perf_counter  # wall time, captured before any emulator patches `time`
@@ -166,6 +168,44 @@ def test_an_actor_that_keeps_launching_is_never_jumped_past(emulate):
     sleeper.join()
     assert woke == [pytest.approx(1.0)]
     assert emu.clock.stalls == 0
+
+
+def test_an_actor_busy_in_python_of_its_own_holds_time_however_long_it_is_silent(emulate, monkeypatch):
+    """vLLM builds its block pool (millions of Python objects) between launches: no contact with the clock
+    for minutes, yet it is working, and a sleeper must not be woken past it."""
+    monkeypatch.setattr(clock, "_ACTOR_GRACE", 0.1)
+    monkeypatch.setattr(clock, "_GRACE", 0.1)
+    emu = emulate()
+    _mm()  # an actor
+    woke = []
+    t0 = time.monotonic()
+    sleeper = threading.Thread(target=lambda: (time.sleep(1.0), woke.append(time.monotonic() - t0)))
+    sleeper.start()
+    wall, n = _real_perf_counter(), 0
+    while _real_perf_counter() - wall < 1.0:  # ten times longer than a silent actor is trusted
+        n += 1
+    assert woke == []
+    time.sleep(2.0)
+    sleeper.join()
+    assert woke == [1.0]
+    assert emu.clock.stalls == 0
+
+
+def test_a_thread_blocked_where_the_emulator_cannot_see_lets_time_move_on_and_is_counted(
+    emulate, monkeypatch
+):
+    monkeypatch.setattr(clock, "_GRACE", 0.1)
+    emu = emulate()
+    read_end, write_end = os.pipe()
+    reader = threading.Thread(target=lambda: (time.monotonic(), os.read(read_end, 1)), name="pipe-reader")
+    reader.start()
+    t0 = time.monotonic()
+    time.sleep(5.0)  # the reader sits in a C-level read: after the grace it no longer holds time back
+    assert time.monotonic() - t0 == 5.0
+    os.write(write_end, b"x")
+    reader.join(timeout=10)
+    os.close(read_end), os.close(write_end)
+    assert emu.clock.stalls >= 1 and emu.clock.stalled_threads["pipe-reader"] >= 1
 
 
 def test_a_thread_pool_runs_a_task_at_the_virtual_time_it_was_submitted(emulate):

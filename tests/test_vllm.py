@@ -27,7 +27,11 @@ OPTIONS = {"max_model_len": 1024, "gpu_memory_utilization": 0.05, "max_num_seqs"
 
 
 def _emulate(requests: list[Request]):
-    config = EmulationConfig(engine="vllm", model="tiny-llama", gpu="h100", options=OPTIONS)
+    return _emulate_with("vllm", requests)
+
+
+def _emulate_with(engine: str, requests: list[Request], **options):
+    config = EmulationConfig(engine=engine, model="tiny-llama", gpu="h100", options={**OPTIONS, **options})
     return emulate(config, Workload("test", tuple(requests)), H100, Roofline(H100), load_config("tiny-llama"))
 
 
@@ -151,3 +155,44 @@ def test_a_triton_launch_is_priced_and_computes_metadata_exactly():
         assert features == {"programs": 1024.0, "bytes": 8.0 * (1 << 20)}
         assert emu.clock.streams[0] - before >= cost.device_time("triton::_scale", features, torch.float32)
         assert y.value() is None  # it stored to y: what y held is no longer known
+
+        @triton.jit
+        def _scatter_rows(idx_ptr, x_ptr, out_ptr, BLOCK: tl.constexpr):
+            row = tl.load(idx_ptr + tl.program_id(0))
+            offs = tl.arange(0, BLOCK)
+            tl.store(out_ptr + row * BLOCK + offs, tl.load(x_ptr + offs))
+
+        rows = torch.tensor([2, 0], dtype=torch.int64, device="cuda")
+        out = torch.zeros(3, 1024, device="cuda")
+        _scatter_rows[(2,)](rows, x, out, BLOCK=1024)
+        # it wrote through out_ptr at rows loaded from idx_ptr: the index keeps its value, out loses its own
+        assert rows.tolist() == [2, 0] and out.value() is None
+
+
+DECODE_HEAVY = [Request(f"d{i}", 0.001 * i, 16, 24) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def eager_and_graphs():
+    return _emulate_with("vllm", DECODE_HEAVY, enforce_eager=True), _emulate_with("vllm", DECODE_HEAVY)
+
+
+def test_decode_replays_cuda_graphs_by_default_and_runs_eager_when_asked(eager_and_graphs):
+    eager, graphs = eager_and_graphs
+    for result in (eager, graphs):
+        assert [len(r.token_times) for r in result.results] == [r.output_tokens for r in DECODE_HEAVY]
+    assert eager.graphs_captured == eager.graph_replays == 0
+    # vLLM captured full graphs of its decode batch sizes and replayed one per decode step
+    assert graphs.graphs_captured >= 2 and graphs.graph_replays >= 20
+    # one launch per step instead of one per kernel: decode steps are shorter on the virtual clock
+    assert graphs.metrics.tpot.p50 < eager.metrics.tpot.p50
+
+
+def test_vllm_serve_drives_vllms_openai_server_over_http(served):
+    requests, offline = served
+    result = _emulate_with("vllm-serve", requests)
+    assert [len(r.token_times) for r in result.results] == [r.output_tokens for r in requests]
+    assert result.processes >= 2 and result.graph_replays > 0
+    # the same engine core on the same virtual clock: HTTP adds no device work
+    for http, direct in zip(result.results, offline.results, strict=True):
+        assert http.first_token == pytest.approx(direct.first_token, rel=0.05)

@@ -22,11 +22,14 @@ STAND_INS = {
     "vllm._C_stable_libtorch": "replayer.shims.vllm_ops",
     "vllm.vllm_flash_attn._vllm_fa3_C": "replayer.shims.flash_attn",
 }
+# Compiled extensions that only work with the CUDA driver and that the engine can do without: absent, as on
+# a build without them (vLLM's cuMem allocator serves its sleep mode; its shutdown imports it).
+ABSENT = {"vllm.cumem_allocator"}
 
 
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
-        if name not in STAND_INS:
+        if name not in STAND_INS and name not in ABSENT:
             return None
         return importlib.util.spec_from_loader(name, self)
 
@@ -34,6 +37,10 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def exec_module(self, module) -> None:
+        if module.__name__ in ABSENT:
+            raise ModuleNotFoundError(
+                f"{module.__name__} needs the CUDA driver (emulated)", name=module.__name__
+            )
         shim = importlib.import_module(STAND_INS[module.__name__])
         module.__dict__.update({k: v for k, v in vars(shim).items() if not k.startswith("__")})
         module.__doc__ = f"revati stand-in for {module.__name__}: {shim.__doc__.splitlines()[0]}"

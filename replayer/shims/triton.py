@@ -133,9 +133,14 @@ def _scratch(nbytes: int) -> torch.Tensor:
 
 @functools.cache
 def _interpreted(kernel):
-    from triton.runtime.interpreter import InterpretedFunction
+    import dataclasses
 
-    return InterpretedFunction(kernel.fn)
+    from triton.runtime import interpreter
+
+    # As a kernel compiled for the GPU runs (overflow checks come with debug builds only), and faster.
+    builder = interpreter.interpreter_builder
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    return interpreter.InterpretedFunction(kernel.fn)
 
 
 @functools.cache
@@ -152,7 +157,7 @@ def _stored(kernel) -> frozenset[str]:
     sources: dict[str, set[str]] = {}  # local variable -> the names its assignments read
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign):
-            read = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+            read = _addressing(node.value)
             for target in node.targets:
                 for n in ast.walk(target):
                     if isinstance(n, ast.Name):
@@ -161,13 +166,27 @@ def _stored(kernel) -> frozenset[str]:
     for node in ast.walk(tree):
         call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args
         if call and (node.func.attr == "store" or node.func.attr.startswith("atomic_")):
-            written |= {n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name)}
+            written |= _addressing(node.args[0])
     seen: set[str] = set()
     while written - seen:  # follow locals back to the parameters they came from
         name = (written - seen).pop()
         seen.add(name)
         written |= sources.get(name, set())
     return frozenset(written & names)
+
+
+def _addressing(node: ast.AST) -> set[str]:
+    """The names an expression computes with, leaving out what it loads from memory: in
+    `tl.store(out_ptr + tl.load(idx_ptr + i), x)` the kernel writes through `out_ptr`, not `idx_ptr`."""
+    if _is_load(node):
+        return set()
+    if isinstance(node, ast.Name):
+        return {node.id}
+    return set().union(*(_addressing(child) for child in ast.iter_child_nodes(node)))
+
+
+def _is_load(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
 
 
 @rule("_gumbel_sample_kernel")

@@ -30,9 +30,10 @@ ENGINES: dict[str, Callable[..., list[RequestResult]]] = {
     "sglang": sglang.run,
     "sglang-serve": sglang.serve,
     "vllm": vllm.run,
+    "vllm-serve": vllm.serve,
 }
 # Engines that build the model themselves, in a process of their own: they take the model's config.
-OWN_MODEL = {"sglang", "sglang-serve", "vllm"}
+OWN_MODEL = {"sglang", "sglang-serve", "vllm", "vllm-serve"}
 
 _COMMON = {"model", "requests", "observer", "on_result"}
 

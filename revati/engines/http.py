@@ -1,9 +1,11 @@
-"""The load generator's side of engines served over HTTP in-process (hf-serve, sglang-serve): the server's
-socket on loopback, waiting for uvicorn to start, and the server-sent events of a streaming POST."""
+"""The load generator's side of engines served over HTTP in-process (hf-serve, sglang-serve, vllm-serve): the
+server's socket on loopback, its uvicorn server run beside the load generator, and the server-sent events of a
+streaming POST."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -25,6 +27,30 @@ async def started(server, serving: asyncio.Task, engine: str) -> None:
             serving.result()  # raises what stopped it
             raise RuntimeError(f"{engine}: the server exited before it started")
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def served(app, sock: socket.socket, engine: str):
+    """Serve the ASGI `app` with uvicorn on `sock`, as a task on the running loop; yields an httpx client
+    for it once it accepts connections, and stops the server on leaving."""
+    import httpx
+    import uvicorn
+
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await started(server, serving, engine)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=None, limits=limits
+        ) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
 
 
 async def events(client, path: str, body: dict, what: str) -> AsyncIterator[tuple[float, dict]]:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from revati.engines.http import events, loopback_socket, started
+from revati.engines.http import events, loopback_socket, served
 from revati.engines.observer import Observer
 from revati.engines.streaming import checked, serve_streams
 from revati.metrics import RequestResult
@@ -155,24 +155,9 @@ _SERVER_ARGS = tuple(k for k in _DEFAULTS if k not in ("observer", "on_result", 
 
 
 async def _serve_http(app, sock, config, requests, observer, on_result) -> dict[str, RequestResult]:
-    import httpx
-    import uvicorn
-
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await started(server, serving, "sglang-serve")
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as client:
-            generate = lambda r, ids, t0: _post(client, r, ids, t0)  # noqa: E731
-            return await serve_streams(generate, config, requests, observer, on_result)
-    finally:
-        server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+    async with served(app, sock, "sglang-serve") as client:
+        generate = lambda r, ids, t0: _post(client, r, ids, t0)  # noqa: E731
+        return await serve_streams(generate, config, requests, observer, on_result)
 
 
 async def _post(client, request: Request, ids: list[int], t0: float) -> list[float]:
