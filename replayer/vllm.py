@@ -11,6 +11,10 @@ core in a process of its own; that one is emulated as replayer.workers emulates 
   started with `spawn` (vLLM's choice on a GPU whose CUDA is initialized), so that it is emulated from its
   environment and reports its own figures (a forked child would inherit the caller's emulator).
 - Engine arguments the adapter (revati.engines.vllm) takes as defaults under emulation: `EMULATED`.
+
+A script that runs vLLM itself under `revati emulate -- ...` (tensor parallelism the torchrun way: vLLM's
+`external_launcher`, one engine per rank process) gets the same environment from the plugin, where the
+user has not set it.
 """
 
 from __future__ import annotations
@@ -48,7 +52,12 @@ def platform() -> str | None:
     """The `vllm.platform_plugins` entry point: the emulated CUDA platform, in an emulated process only."""
     if not os.environ.get(ranks.ENV_FLAG):
         return None
+    import sys
+
     from replayer import shims
 
     shims.install()
+    for key, value in ENVIRONMENT.items():  # read by vLLM when used, after the platform is chosen
+        os.environ.setdefault(key, value)
+    sys.path.extend(str(p) for p in STANDINS if str(p) not in sys.path)
     return "replayer.vllm_platform.Emulated"

@@ -1,8 +1,11 @@
 """vLLM's own engine under emulation (make test-vllm: needs .venv-vllm, see the Makefile)."""
 
+import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +199,25 @@ def test_vllm_serve_drives_vllms_openai_server_over_http(served):
     # the same engine core on the same virtual clock: HTTP adds no device work
     for http, direct in zip(result.results, offline.results, strict=True):
         assert http.first_token == pytest.approx(direct.first_token, rel=0.05)
+
+
+def test_tensor_parallel_ranks_run_vllm_the_torchrun_way(tmp_path):
+    """TP 2 as vLLM's `external_launcher` runs it: a rank per process, each with the whole engine; the
+    ranks' all-reduces meet on the virtual device (replayer.distributed), vLLM's own NCCL wrapper finding
+    no NCCL library and leaving its collectives to torch.distributed."""
+    load_config("tiny-llama").save_pretrained(tmp_path / "model")
+    script = Path(__file__).parent / "fixtures" / "vllm" / "tensor_parallel.py"
+    argv = ["emulate", "--gpu", "h100", "--", "torchrun", "--nproc-per-node", "2", str(script)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REVATI_", "VLLM_"))}
+    run = subprocess.run(
+        [sys.executable, "-m", "revati", *argv, str(tmp_path / "model")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    rows = [json.loads(line[7:]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in rows) == [0, 1], run.stdout[-3000:] + run.stderr[-3000:]
+    assert all(r["tokens"] == [8, 8, 8, 8] for r in rows)
+    # the ranks met at every collective: one virtual time for generate on both
+    assert rows[0]["seconds"] == rows[1]["seconds"] > 0
+    table = re.findall(r"│\s+(\d)\s+│\s+[\d.]+\s+│\s+([\d,]+)\s+│", run.stdout + run.stderr)
+    collectives = {int(rank): int(n.replace(",", "")) for rank, n in table}
+    assert collectives[0] == collectives[1] > 50  # a tiny model's all-reduces, prefill and decode

@@ -12,7 +12,7 @@ from replayer import session
 from replayer.memory import Storage
 from replayer.shims import define, host, no_output
 from replayer.tensor import Meta, make
-from revati.op_features import norm
+from revati.op_features import embedding, norm
 
 _c = torch.library.Library("_C", "FRAGMENT")
 _cache = torch.library.Library("_C_cache_ops", "FRAGMENT")
@@ -34,6 +34,22 @@ define(
     "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, int head_size, "
     "Tensor cos_sin_cache, bool is_neox, int rope_dim_offset=0, bool inverse=False) -> ()",
     no_output,
+)
+
+
+def _shard_embedding(func, a, out):
+    """A tensor-parallel rank's embedding lookup: rows it owns, zeros for the others (one fused kernel)."""
+    return embedding(func, {"indices": a["input_ids"], "weight": a["weight"]}, a["out"])
+
+
+define(
+    _c,
+    "vocab_parallel_embedding(Tensor(a!) out, Tensor input_ids, Tensor weight, int org_vocab_start_index, "
+    "int org_vocab_end_index, int num_org_vocab_padding, int added_vocab_start_index, "
+    "int added_vocab_end_index) -> ()",
+    no_output,
+    features=_shard_embedding,
+    key="aten::embedding",
 )
 
 
