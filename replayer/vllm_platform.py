@@ -14,7 +14,7 @@ class Emulated(NonNvmlCudaPlatform):
 
     @classmethod
     def import_kernels(cls) -> None:
-        from replayer.shims import vllm_ops  # noqa: F401 - defines vLLM's CUDA ops on the virtual device
+        from replayer.shims import vllm_kernels, vllm_ops  # noqa: F401 - vLLM's CUDA ops and Triton kernels
 
     @classmethod
     def is_fully_connected(cls, physical_device_ids: list[int]) -> bool:

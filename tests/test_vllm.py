@@ -221,3 +221,87 @@ def test_tensor_parallel_ranks_run_vllm_the_torchrun_way(tmp_path):
     table = re.findall(r"│\s+(\d)\s+│\s+[\d.]+\s+│\s+([\d,]+)\s+│", run.stdout + run.stderr)
     collectives = {int(rank): int(n.replace(",", "")) for rank, n in table}
     assert collectives[0] == collectives[1] > 50  # a tiny model's all-reduces, prefill and decode
+
+
+def _vllm_kernels(directory: Path):
+    """vLLM's metadata kernels as Triton JIT functions (until an emulated vLLM platform is chosen, vLLM hands
+    out a placeholder `triton`, so their source is loaded again here with the real one)."""
+    import importlib.util
+    import inspect
+
+    from vllm.v1.worker.gpu import input_batch
+
+    names = [
+        "_prepare_pos_seq_lens_kernel",
+        "_get_num_sampled_and_rejected_kernel",
+        "_combine_sampled_and_draft_tokens_kernel",
+        "_post_update_kernel",
+    ]
+    kernels = [getattr(input_batch, n) for n in names]
+    source = "\n\n".join(inspect.getsource(getattr(k, "fn", k)) for k in kernels)  # JITFunction or not
+    path = directory / "vllm_metadata_kernels.py"
+    path.write_text("import triton\nimport triton.language as tl\n\n" + source)
+    spec = importlib.util.spec_from_file_location("vllm_metadata_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cases(g: torch.Generator):
+    """Each metadata kernel's arguments and grid, as vLLM's model runner passes them, at random."""
+    i32, i64 = torch.int32, torch.int64
+    r = lambda lo, hi, *shape, dtype=i32: torch.randint(lo, hi, shape, generator=g, dtype=dtype)  # noqa: E731
+    reqs, n = 16, 6
+    idx = torch.randperm(reqs, generator=g)[:n].to(i32)
+    query_len = r(1, 40, n)
+    qsl = torch.cat([torch.zeros(1, dtype=i32), torch.cumsum(query_len, 0).to(i32)])
+    yield "_prepare_pos_seq_lens_kernel", (n + 1,), dict(
+        pos_ptr=r(0, 9, 512, dtype=i64), seq_lens_ptr=r(0, 9, reqs), idx_mapping_ptr=idx,
+        query_start_loc_ptr=qsl, num_computed_tokens_ptr=r(0, 500, reqs), max_num_reqs=reqs, BLOCK_SIZE=16,
+    )  # fmt: skip
+    seq_lens, prefill = r(1, 60, n), r(1, 60, reqs)
+    cu = torch.cat([torch.zeros(1, dtype=i32), torch.cumsum(r(1, 4, n), 0).to(i32)])
+    yield "_get_num_sampled_and_rejected_kernel", (n,), dict(
+        num_sampled_ptr=r(0, 4, n), num_rejected_ptr=r(-9, 9, n), seq_lens_ptr=seq_lens, cu_num_logits_ptr=cu,
+        idx_mapping_ptr=idx.to(i64), prefill_len_ptr=prefill,
+    )  # fmt: skip
+    num_logits = cu[1:] - cu[:-1]
+    query_len = torch.maximum(query_len, num_logits)
+    qsl = torch.cat([torch.zeros(1, dtype=i32), torch.cumsum(query_len, 0).to(i32)])
+    yield "_combine_sampled_and_draft_tokens_kernel", (n,), dict(
+        input_ids_ptr=r(0, 99, 512), idx_mapping_ptr=idx, last_sampled_tokens_ptr=r(100, 200, reqs),
+        query_start_loc_ptr=qsl, seq_lens_ptr=seq_lens, prefill_len_ptr=prefill,
+        draft_tokens_ptr=r(200, 300, reqs, 3), draft_tokens_stride=3, cu_num_logits_ptr=cu,
+        logits_indices_ptr=r(-9, 0, int(cu[-1]), dtype=i64), BLOCK_SIZE=4, NUM_NEW_SAMPLED_TOKENS=1,
+    )  # fmt: skip
+    for counts, starts in ((r(0, 3, reqs, 64), qsl), (None, None)):
+        live = idx.clone()
+        live[2] = -1  # a row to skip
+        yield "_post_update_kernel", (n,), dict(
+            idx_mapping_ptr=live, num_computed_tokens_ptr=r(0, 500, reqs),
+            last_sampled_tokens_ptr=r(0, 9, reqs), output_bin_counts_ptr=counts, output_bin_counts_stride=64,
+            sampled_tokens_ptr=r(0, 64, n, 3, dtype=i64), sampled_tokens_stride=3, num_sampled_ptr=r(0, 4, n),
+            num_rejected_ptr=r(0, 2, n),
+            query_start_loc_ptr=starts, all_token_ids_ptr=r(0, 9, reqs, 128), all_token_ids_stride=128,
+            total_len_ptr=r(0, 100, reqs),
+        )  # fmt: skip
+
+
+def test_vllms_metadata_kernels_computed_in_torch_match_the_kernels_themselves(tmp_path):
+    """The torch forms the emulator runs every step (replayer/shims/vllm_kernels.py) against vLLM's kernels
+    run in Triton's interpreter, on the same random arguments: every buffer ends up identical."""
+    from replayer.shims import triton as shim
+    from replayer.shims import vllm_kernels  # noqa: F401 - registers the torch forms
+
+    kernels = _vllm_kernels(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for name, grid, args in _cases(g):
+            kernel = getattr(kernels, name)
+            expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+            shim._interpreted(kernel)[grid](**expected)
+            got = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+            shim._exact[name]({**shim._defaults(kernel), **got}, grid)
+            for k, v in expected.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(got[k], v), f"{name}: {k} differs"

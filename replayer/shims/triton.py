@@ -9,10 +9,11 @@ kernel that reads part of a large buffer is better described by a rule of its ow
 What it computes:
 - every tensor argument has a value (positions, slot mappings, block tables: integer metadata), or those
   without are buffers the kernel is known to only update (`_SCRATCH`) -> the kernel runs in Triton's
-  interpreter on the values, exactly (`_interpret`);
+  interpreter on the values, exactly (`_interpret`), or, for a kernel launched every engine step, as the
+  same computation in torch (`@exact`: the interpreter takes about a millisecond per program);
 - otherwise the arguments it stores to (read from its source: pointers named in `tl.store`) lose their
-  values, unless a rule for the kernel says what they hold (`@rule("_gumbel_sample_kernel")`: sampled token
-  ids from the token oracle).
+  values, unless a rule for the kernel says what they hold (`@rule`: vLLM's sampler takes its token ids
+  from the token oracle). An engine's kernels have a module of their own (replayer/shims/vllm_kernels.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _SCRATCH = {"_post_update_kernel": {"output_bin_counts_ptr"}}
 
 Rule = Callable[[dict, object], None]  # (bound arguments by name, emulator) -> None
 _rules: dict[str, Rule] = {}
+Exact = Callable[[dict, tuple], None]  # (argument values by name, grid) -> None; writes values in place
+_exact: dict[str, Exact] = {}
 
 
 def rule(*kernels: str) -> Callable[[Rule], Rule]:
@@ -44,6 +47,18 @@ def rule(*kernels: str) -> Callable[[Rule], Rule]:
     def register(fn: Rule) -> Rule:
         for name in kernels:
             _rules[name] = fn
+        return fn
+
+    return register
+
+
+def exact(*kernels: str) -> Callable[[Exact], Exact]:
+    """Register a torch equivalent of kernels whose arguments have values: `@exact("_k") def f(values, grid)`,
+    where `values` maps each parameter (defaults included) to its value, None for a `_SCRATCH` buffer."""
+
+    def register(fn: Exact) -> Exact:
+        for name in kernels:
+            _exact[name] = fn
         return fn
 
     return register
@@ -86,7 +101,13 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
     sig = d.external_signature(key, features, lambda: _price(emu, key, features, dtype))
     unknown = [k for k, v in bound.items() if type(v) is VTensor and v.value() is None]
     if name not in _rules and set(unknown) <= _SCRATCH.get(name, set()):
-        _interpret(kernel, bound, kwargs, grid, unknown)
+        if name in _exact:
+            values = {k: (v.value() if type(v) is VTensor else v) for k, v in bound.items()}
+            _exact[name]({**_defaults(kernel), **values}, tuple(int(g) for g in grid))
+            for k in unknown:
+                bound[k]._vstorage.value = None
+        else:
+            _interpret(kernel, bound, kwargs, grid, unknown)
     else:
         for arg in _stored(kernel):
             t = bound.get(arg)
@@ -144,6 +165,12 @@ def _interpreted(kernel):
 
 
 @functools.cache
+def _defaults(kernel) -> dict:
+    parameters = inspect.signature(kernel.fn).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+@functools.cache
 def _arg_names(kernel) -> list[str]:
     return list(inspect.signature(kernel.fn).parameters)
 
@@ -187,14 +214,3 @@ def _addressing(node: ast.AST) -> set[str]:
 
 def _is_load(node: ast.AST) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-
-
-@rule("_gumbel_sample_kernel")
-def _gumbel_sample(a: dict, emu) -> None:
-    """vLLM's sampler: each (token, vocabulary block) program writes its block's argmax; every block gets
-    the oracle's token, so whichever block wins, the token is the oracle's."""
-    out = a["local_argmax_ptr"]
-    rows, blocks = out.shape
-    ids = emu.oracle.token_ids((rows,), int(a["vocab_size"]), "triton::_gumbel_sample_kernel")
-    out._value = ids.to(out.dtype)[:, None].expand(rows, blocks).clone()
-    out._vstorage.value = True
