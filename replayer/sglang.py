@@ -27,8 +27,13 @@ ENVIRONMENT = {
     "SGLANG_CRASH_ON_JIT_COMPILE": "1",
 }
 
-# Engine arguments for a virtual GPU. torch_native attention runs on shadow values; sleep_on_idle makes an
-# idle scheduler wait in a ZeroMQ poll, which the shared time sees, instead of spinning.
+# Engine arguments for a virtual GPU. torch_native attention runs on shadow values and is priced as attention
+# per request; sleep_on_idle makes an idle scheduler wait in a ZeroMQ poll, which the shared time sees,
+# instead of spinning. `-o attention_backend=triton -o disable_cuda_graph=False -o
+# disable_prefill_cuda_graph=True` runs SGLang's Triton attention with CUDA-graph decode (its prefill graphs
+# ask the CUDA runtime itself, through cuda-python, whether a stream captures: no torch-level emulation
+# reaches that), but its attention kernels are still priced by the bytes of their arguments, which include
+# the whole KV pool: not yet the default.
 EMULATED = {
     "attention_backend": "torch_native",
     "sampling_backend": "pytorch",

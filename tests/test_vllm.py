@@ -13,6 +13,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from replayer import shims, vllm  # noqa: E402
 from replayer.run import EmulationConfig, emulate  # noqa: E402
@@ -124,6 +126,11 @@ def test_vllm_flash_attention_runs_as_one_priced_attention_kernel():
         assert emu.clock.streams[0] - before >= expected > 0
 
 
+@triton.jit
+def _offsets(BLOCK: tl.constexpr):
+    return tl.arange(0, BLOCK)  # a device function a kernel calls
+
+
 def test_a_triton_launch_is_priced_and_computes_metadata_exactly():
     import triton
     import triton.language as tl
@@ -131,7 +138,7 @@ def test_a_triton_launch_is_priced_and_computes_metadata_exactly():
     @triton.jit
     def _positions(start_ptr, out_ptr, n, BLOCK: tl.constexpr):
         row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
+        offs = _offsets(BLOCK)
         start = tl.load(start_ptr + row)
         tl.store(out_ptr + row * n + offs, start + offs, mask=offs < n)
 

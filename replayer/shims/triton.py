@@ -141,7 +141,16 @@ def _interpret(kernel, bound: dict, kwargs: dict, grid, unknown: list[str]) -> N
             _scratch(t._vstorage.nbytes).view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
         )
     extra = {k: v for k, v in kwargs.items() if k not in bound}
-    _interpreted(kernel)[tuple(grid)](**values, **extra)
+    from triton.runtime.jit import JITFunction
+
+    # The @triton.jit helpers the kernel calls are device functions: interpreted too (Triton's interpreter
+    # mode makes every jit function interpretable; here only the kernel launched is).
+    real_call = JITFunction.__call__
+    JITFunction.__call__ = lambda helper, *a, **k: _interpreted(helper)(*a, **k)
+    try:
+        _interpreted(kernel)[tuple(grid)](**values, **extra)
+    finally:
+        JITFunction.__call__ = real_call
     for k in unknown:
         bound[k]._vstorage.value = None
 
@@ -152,8 +161,12 @@ def _scratch(nbytes: int) -> torch.Tensor:
     return torch.empty(max(nbytes, 1), dtype=torch.uint8)
 
 
-@functools.cache
 def _interpreted(kernel):
+    return _interpreted_fn(kernel.fn)  # keyed by the Python function: hashing a JITFunction parses its source
+
+
+@functools.cache
+def _interpreted_fn(fn):
     import dataclasses
 
     from triton.runtime import interpreter
@@ -161,7 +174,7 @@ def _interpreted(kernel):
     # As a kernel compiled for the GPU runs (overflow checks come with debug builds only), and faster.
     builder = interpreter.interpreter_builder
     builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
-    return interpreter.InterpretedFunction(kernel.fn)
+    return interpreter.InterpretedFunction(fn)
 
 
 @functools.cache

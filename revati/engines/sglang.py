@@ -42,6 +42,7 @@ def run(
     sampling_backend: str | None = None,
     grammar_backend: str | None = None,
     disable_cuda_graph: bool | None = None,
+    disable_prefill_cuda_graph: bool | None = None,
     disable_custom_all_reduce: bool | None = None,
     disable_overlap_schedule: bool | None = None,
     disable_radix_cache: bool | None = None,
