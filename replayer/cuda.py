@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from revati.op_features import attention_over
+
 if TYPE_CHECKING:
     from replayer.session import Emulator, Patcher
 
@@ -149,6 +151,9 @@ class Graph:
         # Shadow-value updates a replay performs: captured ops on small known tensors (positions, token
         # ids) run again on the host; the device time stays one O(1) advance of the stream.
         self.on_replay: list = []
+        # Attention kernels whose cost follows the sequence lengths in a buffer (`follow`): (key, features,
+        # dtype, captured duration, lengths tensor, K / V element size).
+        self.following: list = []
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
         self._emu.clock.begin_capture(self)
@@ -158,10 +163,33 @@ class Graph:
         self.captured = True
         self._emu.graphs_captured += 1
 
+    def follow(self, key, features, dtype, duration, lengths, element_size) -> None:
+        """A captured kernel reads its sequence lengths from `lengths` (a static buffer): a replay prices it
+        over the longest of them then, as the GPU runs it over the lengths it finds."""
+        same = (key, tuple(sorted(features.items())), dtype, element_size)  # the layers of a model share it
+        self.following.append((same, features, duration, lengths))
+
+    def _length_correction(self) -> float:
+        """Device seconds the following kernels take at this replay beyond their captured durations."""
+        emu, extra = self._emu, 0.0
+        for same, features, captured, lengths in self.following:
+            value = lengths.value()
+            if value is None or not value.numel():
+                continue
+            kv_len = float(value.max())
+            price = emu.replay_prices.get((same, kv_len))
+            if price is None:
+                key, _, dtype, size = same
+                price = emu.cost.device_time(key, attention_over(features, kv_len, size), dtype)
+                emu.replay_prices[(same, kv_len)] = price
+            extra += price - captured
+        return extra
+
     def replay(self):
         emu = self._emu
         emu.clock.advance(emu.cost.host_time("cudaGraphLaunch"))
-        emu.clock.advance_stream(emu.clock.current_stream(), self.duration)
+        duration = self.duration + (self._length_correction() if self.following else 0.0)
+        emu.clock.advance_stream(emu.clock.current_stream(), duration)
         for update in self.on_replay:
             update()
         self.replays += 1
@@ -170,6 +198,7 @@ class Graph:
     def reset(self):
         self.duration, self.ops, self.captured = 0.0, 0, False
         self.on_replay.clear()
+        self.following.clear()
 
     def pool(self):
         return (0, id(self))

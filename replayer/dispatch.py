@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 _Tensor = torch.Tensor
 _META = torch.device("meta")
+_ATTENTION = "revati::attention"
 _CPU = torch.device("cpu")
 
 # Ops whose first argument is only written: its old contents do not matter.
@@ -211,11 +212,27 @@ class Dispatcher:
         emu = self.emu  # Emulator.account, inlined: a call less per op
         w = emu.wake
         host, start, stream = self.launch(sig.duration * w, sig.host * w)
+        if stream < 0 and sig.key == _ATTENTION:  # captured into a CUDA graph: see Graph.follow
+            self._follow_lengths(sig, func, args, kwargs, sig.duration * w)
         if emu._log_ops:
             emu.ops.append(
                 (self.ops, sig.sig_id, host, sig.host * w, start, sig.duration * w, stream, emu._iteration)
             )
         return out
+
+    def _follow_lengths(self, sig: Signature, func, args, kwargs, duration: float) -> None:
+        """An attention kernel captured into a CUDA graph reads its sequence lengths (`seqused_k`) from a
+        buffer the engine refills before each replay: the replay prices it over the lengths it then holds."""
+        if "seqused_k" not in sig.names:
+            return
+        lengths = _arg(sig.names.index("seqused_k"), args, kwargs, sig.names)
+        if type(lengths) is not VTensor:
+            return
+        margs, mkwargs = _map_tensors(args, meta_of), _map_tensors(kwargs, meta_of)
+        key, features = op_features(func, margs, mkwargs, func(*margs, **mkwargs))
+        key_tensor = _arg(sig.names.index("key"), args, kwargs, sig.names) if "key" in sig.names else None
+        size = key_tensor.element_size() if isinstance(key_tensor, _Tensor) else 2
+        self.emu.clock.capturing().follow(key, features, op_dtype(margs, mkwargs), duration, lengths, size)
 
     def factory(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
         """A CUDA-key call with no virtual tensor in it: a factory (`torch.empty(..., device="cuda")`)."""

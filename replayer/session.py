@@ -110,6 +110,7 @@ class Emulator:
         self.iterations: list[dict] = []
         self.origin = 0.0  # virtual time when serving started (the engine's t0); trace times count from it
         self.graphs_captured = 0
+        self.replay_prices: dict = {}  # (key, features, kv_len) -> device seconds (cuda.Graph.follow)
         self.graph_replays = 0
         self.active = False
         self.extra_syncs: Counter[str] = Counter()

@@ -241,6 +241,23 @@ def attention(func: OpOverload, a: dict[str, Any], out: Any) -> Features:
     }
 
 
+def attention_over(features: Features, kv_len: float, kv_element_size: int) -> Features:
+    """The same attention call's features over `kv_len` keys per sequence (a CUDA graph captured with one
+    length, replayed over others): flops and the K / V bytes follow; the raw kernels' bottom-right mask."""
+    batch, heads, kv_heads, q_len, old = (
+        features[k] for k in ("batch", "heads", "kv_heads", "q_len", "kv_len")
+    )
+    causal = bool(features["causal"])
+    old_pairs = _attended_pairs(q_len, old, causal, True)
+    dims = features["flops"] / (2.0 * batch * heads * old_pairs) if old_pairs else 0.0  # head + value dims
+    return {
+        **features,
+        "kv_len": float(kv_len),
+        "flops": 2.0 * batch * heads * _attended_pairs(q_len, kv_len, causal, True) * dims,
+        "bytes": features["bytes"] + batch * kv_heads * (kv_len - old) * dims * kv_element_size,
+    }
+
+
 def _attended_pairs(q_len: float, kv_len: int, causal: bool, lower_right: bool) -> float:
     if not causal:
         return q_len * kv_len

@@ -312,6 +312,52 @@ def test_a_graph_replay_advances_the_stream_by_the_captured_duration(emulate):
     assert emu.graph_replays == 10
 
 
+_test_ops = torch.library.Library("revati_test", "FRAGMENT")
+
+
+def _paged_attention_op():
+    """A paged attention kernel as an engine's GPU library defines it (vLLM's FlashAttention 3)."""
+    from replayer.shims import define
+    from revati.op_features import attention
+
+    schema = (
+        "paged_attention(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor seqused_k, "
+        "int max_seqlen_q, int max_seqlen_k, Tensor block_table, bool is_causal) -> Tensor"
+    )
+    define(_test_ops, schema, lambda query, *rest: torch.empty_like(query), features=attention,
+           key="revati::attention")  # fmt: skip
+    return torch.ops.revati_test.paged_attention
+
+
+def test_a_replayed_attention_kernel_is_priced_over_the_lengths_its_buffer_then_holds(emulate):
+    """vLLM captures its decode graphs with every sequence at the model's maximum length; each replay reads
+    the lengths the engine has just written into the same buffer, and runs as long as they say."""
+    emu = emulate(device={"revati::attention": lambda f: f["kv_len"] * 1e-6})
+    attend = _paged_attention_op()
+    batch, heads, kv_heads, dim = 4, 8, 2, 64
+    q = torch.empty(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+    cache = torch.empty(64, 16, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    lengths = torch.full((batch,), 1024, dtype=torch.int32, device="cuda")
+    table = torch.zeros(batch, 64, dtype=torch.int32, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        attend(q, cache, cache, cu, lengths, 1, 1024, table, True)
+
+    def replayed(longest: int) -> float:
+        lengths.fill_(17)
+        lengths[2] = longest  # the engine refills the buffer; the longest sequence sets the pace
+        torch.cuda.synchronize()
+        before = _stream_time(emu)
+        g.replay()
+        torch.cuda.synchronize()
+        return _stream_time(emu) - before
+
+    assert replayed(1024) == pytest.approx(1024e-6)  # as captured
+    assert replayed(100) == pytest.approx(100e-6)
+    assert replayed(600) == pytest.approx(600e-6)
+
+
 def test_graphs_and_memory_pools_are_the_classes_engines_expect(emulate):
     emu = emulate(device={"aten::mm": D})
     g = torch.cuda.CUDAGraph()
