@@ -151,8 +151,8 @@ class Graph:
         # Shadow-value updates a replay performs: captured ops on small known tensors (positions, token
         # ids) run again on the host; the device time stays one O(1) advance of the stream.
         self.on_replay: list = []
-        # Attention kernels whose cost follows the sequence lengths in a buffer (`follow`): (key, features,
-        # dtype, captured duration, lengths tensor, K / V element size).
+        # Attention kernels whose cost follows the sequence lengths in a buffer (`follow`): ((key, features as
+        # a tuple, dtype, K / V element size), features, captured duration, lengths tensor).
         self.following: list = []
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
