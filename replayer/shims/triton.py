@@ -101,13 +101,13 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
     sig = d.external_signature(key, features, lambda: _price(emu, key, features, dtype))
     unknown = [k for k, v in bound.items() if type(v) is VTensor and v.value() is None]
     if name not in _rules and set(unknown) <= _SCRATCH.get(name, set()):
+        values = {k: (v.value() if type(v) is VTensor else v) for k, v in bound.items()}
         if name in _exact:
-            values = {k: (v.value() if type(v) is VTensor else v) for k, v in bound.items()}
             _exact[name]({**_defaults(kernel), **values}, tuple(int(g) for g in grid))
-            for k in unknown:
-                bound[k]._vstorage.value = None
         else:
-            _interpret(kernel, bound, kwargs, grid, unknown)
+            _interpret(kernel, values, bound, kwargs, grid, unknown)
+        for k in unknown:  # a scratch buffer stays unknown
+            bound[k]._vstorage.value = None
     else:
         for arg in _stored(kernel):
             t = bound.get(arg)
@@ -130,11 +130,10 @@ def _price(emu, key: str, features: dict, dtype) -> tuple[float, float]:
         emu.clock.release()
 
 
-def _interpret(kernel, bound: dict, kwargs: dict, grid, unknown: list[str]) -> None:
-    """Run the kernel on the arguments' values. An integer buffer too large to keep a value (vLLM's
+def _interpret(kernel, values: dict, bound: dict, kwargs: dict, grid, unknown: list[str]) -> None:
+    """Run the kernel on the arguments' `values`. An integer buffer too large to keep a value (vLLM's
     per-request token counts over the vocabulary) lends scratch memory of its size: what the kernel computes
-    from the others stays exact, and the buffer itself stays unknown."""
-    values = {k: (v.value() if type(v) is VTensor else v) for k, v in bound.items()}
+    from the others stays exact (the caller leaves the buffer itself unknown)."""
     for k in unknown:
         t = bound[k]
         values[k] = (
@@ -151,8 +150,6 @@ def _interpret(kernel, bound: dict, kwargs: dict, grid, unknown: list[str]) -> N
         _interpreted(kernel)[tuple(grid)](**values, **extra)
     finally:
         JITFunction.__call__ = real_call
-    for k in unknown:
-        bound[k]._vstorage.value = None
 
 
 @functools.lru_cache(maxsize=4)
