@@ -140,6 +140,8 @@ def record(
     from revati.models import build_model
 
     devices.check(config.device)
+    if config.device == "cpu":
+        devices.steady_memory()
     if config.capture not in ("full", "timeline"):
         raise ValueError(f"capture must be 'full' or 'timeline', not {config.capture!r}")
     dirs = output_dirs(out, config.runs)
@@ -546,6 +548,8 @@ def record_script(argv: list[str], device: str, out: Path) -> tuple[int, Path]:
     """Run a script (`python script.py args`) under the profiler and write its ops / kernels as a trace."""
     script = Script.parse(argv, "record")
     devices.check(device)
+    if device == "cpu":
+        devices.steady_memory()
     output_dirs(out, 1)
     facts = devices.facts(device)
     writer = TraceWriter(out, f"rec-{uuid.uuid4().hex[:12]}")

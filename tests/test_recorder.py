@@ -148,6 +148,33 @@ def test_sigkill_mid_run_leaves_every_written_part_readable(tmp_path):
     assert isinstance(requests, pa.Table)
 
 
+_REFAULTS = """
+import resource, sys, torch
+from recorder import device
+if sys.argv[1] == "steady":
+    assert device.steady_memory()["mmap_threshold"] == 32 << 20
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for step in range(32):  # buffers a little larger each step, as a KV gather's while contexts grow
+    torch.ones((1 << 18) + step * (1 << 14))  # 1 MB, then 64 KB more each step
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_cpu_recording_keeps_freed_memory_so_ops_do_not_fault_in_fresh_pages():
+    def faults(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True, cwd=REPO
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    # glibc maps each new largest buffer afresh and unmaps it when freed: a fault per 4 KB page written
+    default = faults("default")
+    assert default > 32 * 256
+    assert faults("steady") < default / 4  # kept in the process: only the growth is new pages
+
+
 def test_recorder_overhead_per_profiler_event_is_measured():
     overhead = calibrate("cpu", calls=2000, repeats=3)
     assert 0 < overhead.per_event_us < 100
