@@ -7,6 +7,7 @@ names). Times are virtual: events measure the clock, not the wall.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import threading
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class Graph:
         # ids) run again on the host; the device time stays one O(1) advance of the stream.
         self.on_replay: list = []
         # Attention kernels whose cost follows the sequence lengths in a buffer (`follow`): ((key, features as
-        # a tuple, dtype, K / V element size), features, captured duration, lengths tensor).
+        # a tuple, dtype, K / V element size), features, captured duration, lengths tensor, indptr entries).
         self.following: list = []
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
@@ -163,17 +164,20 @@ class Graph:
         self.captured = True
         self._emu.graphs_captured += 1
 
-    def follow(self, key, features, dtype, duration, lengths, element_size) -> None:
-        """A captured kernel reads its sequence lengths from `lengths` (a static buffer): a replay prices it
-        over the longest of them then, as the GPU runs it over the lengths it finds."""
+    def follow(self, key, features, dtype, duration, lengths, element_size, indptr: int = 0) -> None:
+        """A captured kernel reads its sequence lengths from `lengths` (a static buffer; with `indptr` > 0,
+        their running sums in its first `indptr` entries): a replay prices it over the longest of them then,
+        as the GPU runs it over the lengths it finds."""
         same = (key, tuple(sorted(features.items())), dtype, element_size)  # the layers of a model share it
-        self.following.append((same, features, duration, lengths))
+        self.following.append((same, features, duration, lengths, indptr))
 
     def _length_correction(self) -> float:
         """Device seconds the following kernels take at this replay beyond their captured durations."""
         emu, extra = self._emu, 0.0
-        for same, features, captured, lengths in self.following:
+        for same, features, captured, lengths, indptr in self.following:
             value = lengths.value()
+            if value is not None and indptr:
+                value = value[1:indptr] - value[: indptr - 1]
             if value is None or not value.numel():
                 continue
             kv_len = float(value.max())
@@ -481,6 +485,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(torch, "get_device_module", get_device_module)
     patch.set(torch, "Generator", _generator_class())
     _install_accelerator(emu, patch, synchronize)
+    _install_runtime(emu, patch)
 
 
 def _generator_class():
@@ -502,6 +507,28 @@ def _generator_class():
             return self._virtual_device
 
     return Generator
+
+
+def _install_runtime(emu: Emulator, patch: Patcher) -> None:
+    """cuda-python's CUDA runtime binding, where it is installed: an engine that asks the runtime itself, not
+    torch, whether a stream captures (SGLang's breakable prefill graphs) gets the virtual clock's answer."""
+    try:
+        if importlib.util.find_spec("cuda.bindings") is None:
+            return
+        from cuda.bindings import runtime
+    except ImportError:
+        return
+
+    def cudaStreamGetCaptureInfo(stream):  # noqa: N802 - the runtime's name
+        status = runtime.cudaStreamCaptureStatus
+        active = emu.clock.capturing() is not None  # the calling thread captures on its streams
+        return (
+            runtime.cudaError_t.cudaSuccess,
+            status.cudaStreamCaptureStatusActive if active else status.cudaStreamCaptureStatusNone,
+            0, None, None, None, 0,
+        )  # fmt: skip
+
+    patch.set(runtime, "cudaStreamGetCaptureInfo", cudaStreamGetCaptureInfo)
 
 
 def _install_accelerator(emu: Emulator, patch: Patcher, synchronize) -> None:

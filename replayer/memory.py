@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 
@@ -133,3 +134,25 @@ class Storage:
     def __del__(self):
         if self._size and self._allocator is not None:
             self._allocator.free(self._size)
+
+
+class Borrowed:
+    """A storage seen through a weak reference to its memory (`replayer.tensor.weak_view`): it counts
+    nothing against the allocator, and its value is the owner's while the owner lives."""
+
+    __slots__ = ("nbytes", "_owner", "__weakref__")
+
+    def __init__(self, owner: Storage | Borrowed):
+        self.nbytes = owner.nbytes
+        self._owner = owner._owner if isinstance(owner, Borrowed) else weakref.ref(owner)
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        owner = self._owner()
+        return owner.value if owner is not None else None
+
+    @value.setter
+    def value(self, value) -> None:
+        owner = self._owner()
+        if owner is not None:
+            owner.value = value

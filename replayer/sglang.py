@@ -27,18 +27,17 @@ ENVIRONMENT = {
     "SGLANG_CRASH_ON_JIT_COMPILE": "1",
 }
 
-# Engine arguments for a virtual GPU. torch_native attention runs on shadow values and is priced as attention
-# per request; sleep_on_idle makes an idle scheduler wait in a ZeroMQ poll, which the shared time sees,
-# instead of spinning. `-o attention_backend=triton -o disable_cuda_graph=False -o
-# disable_prefill_cuda_graph=True` runs SGLang's Triton attention with CUDA-graph decode (its prefill graphs
-# ask the CUDA runtime itself, through cuda-python, whether a stream captures: no torch-level emulation
-# reaches that), but its attention kernels are still priced by the bytes of their arguments, which include
-# the whole KV pool: not yet the default.
+# Engine arguments for a virtual GPU. Attention and CUDA graphs are SGLang's own defaults, what its users run
+# on an H100: Triton attention (priced as attention over each batch's sequence lengths,
+# replayer/shims/sglang_kernels.py), full CUDA graphs for decode and breakable ones for prefill (captured
+# segments with eager attention between them). `-o attention_backend=torch_native -o disable_cuda_graph=True`
+# runs eager torch attention instead. sleep_on_idle makes an idle scheduler wait in a ZeroMQ poll, which the
+# shared time sees, instead of spinning.
 EMULATED = {
-    "attention_backend": "torch_native",
+    "attention_backend": "triton",
     "sampling_backend": "pytorch",
     "grammar_backend": "none",
-    "disable_cuda_graph": True,
+    "disable_cuda_graph": False,
     "disable_custom_all_reduce": True,
     "sleep_on_idle": True,
 }

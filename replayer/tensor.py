@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from replayer.memory import Borrowed
+
 if TYPE_CHECKING:
     from replayer.memory import Storage
 
@@ -136,6 +138,14 @@ def make(meta: Meta, device: torch.device, storage: Storage, value: torch.Tensor
     t._vstorage = storage
     t._value = value
     return t
+
+
+def weak_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` again, over its memory but not keeping it allocated: a weak reference to GPU memory, as
+    sgl_kernel.weak_ref_tensor makes (SGLang's breakable CUDA graphs hand these to eager break points)."""
+    if type(t) is not VTensor:
+        return t
+    return make(t._d, t.device, Borrowed(t._vstorage), t._value)
 
 
 def meta_of(t: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ _real = {name: getattr(time, name) for name in ("time", "perf_counter", "monoton
 _real_wait = threading.Condition.wait
 _real_join = threading.Thread.join
 _real_start = threading.Thread.start
+_real_sleep = time.sleep
+_REAL_SHARE, _REAL_MAX = 0.01, 1e-3  # a virtual sleep also waits this share of itself in real time, at most
 
 
 BASES_ENV = "REVATI_CLOCK_BASES"  # set by a launcher: every rank's time.time() reads the same instant
@@ -76,6 +78,9 @@ def install(emu: Emulator, patch: Patcher) -> None:
         if seconds < 0:
             raise ValueError("sleep length must be non-negative")
         clock.sleep(seconds)
+        # and a little real time, off the clock: a loop that polls the OS for what virtual time cannot see
+        # (SGLang waiting up to 60 s, in 0.1 s sleeps, for a killed child to exit) sees it happen
+        emu.outside(_real_sleep, min(seconds * _REAL_SHARE, _REAL_MAX))
 
     def wait(self, timeout=None):
         if not emu.active:

@@ -225,9 +225,31 @@ def attention(func: OpOverload, a: dict[str, Any], out: Any) -> Features:
             kv_len = int(a.get("max_k") or kv_len)
         mask_type = a.get("custom_mask_type", 0)
         causal, lower_right = bool(a.get("is_causal")) or mask_type in (1, 2), mask_type != 1
-    pairs = _attended_pairs(q_len, kv_len, causal, lower_right)
-    kv_bytes = batch * kv_heads * kv_len * (head_dim + v_dim) * k.element_size()
     mask = a.get("attn_mask", a.get("attn_bias", a.get("bias")))
+    return attention_of(
+        batch, heads, kv_heads, q_len, kv_len, head_dim, v_dim, causal=causal, lower_right=lower_right,
+        kv_element_size=k.element_size(), other_bytes=_nbytes(q) + _nbytes(mask) + _out_bytes(out),
+    )  # fmt: skip
+
+
+def attention_of(
+    batch: float,
+    heads: float,
+    kv_heads: float,
+    q_len: float,
+    kv_len: float,
+    head_dim: float,
+    v_dim: float,
+    *,
+    causal: bool,
+    lower_right: bool,
+    kv_element_size: int,
+    other_bytes: float,
+) -> Features:
+    """Attention's features from its sizes (`attention`'s doc), for a kernel known by name rather than by
+    an aten schema (a Triton attention launch); `other_bytes`: what it moves besides the K / V rows read."""
+    pairs = _attended_pairs(q_len, kv_len, causal, lower_right)
+    kv_bytes = batch * kv_heads * kv_len * (head_dim + v_dim) * kv_element_size
     return {
         "batch": float(batch),
         "heads": float(heads),
@@ -237,7 +259,7 @@ def attention(func: OpOverload, a: dict[str, Any], out: Any) -> Features:
         "head_dim": float(head_dim),
         "causal": float(causal),
         "flops": 2.0 * batch * heads * pairs * (head_dim + v_dim),
-        "bytes": float(_nbytes(q) + kv_bytes + _nbytes(mask) + _out_bytes(out)),
+        "bytes": float(other_bytes + kv_bytes),
     }
 
 

@@ -10,6 +10,7 @@ from replayer.run import EmulationConfig, emulate  # noqa: E402
 from revati.cost import Roofline  # noqa: E402
 from revati.hardware import gpu  # noqa: E402
 from revati.models import load_config, param_bytes  # noqa: E402
+from revati.profile import OpModel, Profile  # noqa: E402
 from revati.workloads import Request, Workload  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.sglang]
@@ -18,10 +19,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.sglang]
 OPTIONS = {"max_total_tokens": 4096, "max_running_requests": 16, "mem_fraction_static": 0.5}
 
 
-def _emulate(requests: list[Request], engine: str = "sglang", **options):
+def _emulate(requests: list[Request], engine: str = "sglang", profile=None, **options):
     spec = gpu("h100")
-    config = EmulationConfig(engine=engine, model="tiny-llama", gpu="h100", options={**OPTIONS, **options})
-    return emulate(config, Workload("test", tuple(requests)), spec, Roofline(spec), load_config("tiny-llama"))
+    config = EmulationConfig(
+        engine=engine, model="tiny-llama", gpu="h100", options={**OPTIONS, **options},
+        profile=str(profile) if profile is not None else None,
+    )  # fmt: skip
+    cost = Profile.read(profile) if profile is not None else Roofline(spec)
+    return emulate(config, Workload("test", tuple(requests)), spec, cost, load_config("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,8 @@ def test_every_request_gets_exactly_its_output_tokens(served):
 def test_the_scheduler_process_is_emulated_on_the_virtual_gpu(served):
     _, result = served
     assert result.processes >= 3  # the front end here, SGLang's scheduler and detokenizer
-    assert result.ops > 10_000  # the model's ops ran in the scheduler, on the virtual device
+    # the model's ops ran in the scheduler, on the virtual device (decode steps as replays of captured graphs)
+    assert result.ops > 5_000 and result.graph_replays > 20
     # the scheduler's virtual allocator held the weights and a KV cache of max_total_tokens
     config = load_config("tiny-llama")
     head_dim = config.hidden_size // config.num_attention_heads
@@ -69,13 +75,28 @@ def test_the_http_server_serves_every_request_its_tokens_over_http():
     assert result.processes >= 3 and result.ops > 1000 and result.clock_stalls == 0
 
 
-def test_triton_attention_with_cuda_graph_decode():
+def test_sglang_defaults_run_triton_attention_and_graphs_for_decode_and_prefill():
     requests = [Request(f"g{i}", 0.002 * i, 20 + 9 * i, 12) for i in range(4)]
-    triton = {"attention_backend": "triton", "disable_cuda_graph": False, "disable_prefill_cuda_graph": True}
-    result = _emulate(requests, **triton)
+    result = _emulate(requests)
+    eager_prefill = _emulate(requests, disable_prefill_cuda_graph=True)
     assert [len(r.token_times) for r in result.results] == [r.output_tokens for r in requests]
-    # SGLang's Triton attention kernels ran as priced launches, their metadata kernels (calling jit helpers
-    # such as tl.max) in Triton's interpreter, and decode batches replayed captured graphs
-    assert {"triton::_fwd_kernel", "triton::get_num_kv_splits_triton"} <= set(result.unfitted)
-    assert result.graphs_captured >= 2 and result.graph_replays >= 10
+    # SGLang's Triton attention kernels ran as attention, their metadata kernels (calling jit helpers such as
+    # tl.max) in Triton's interpreter
+    assert "revati::attention" in result.unfitted and "triton::get_num_kv_splits_triton" in result.unfitted
+    assert not {"triton::_fwd_kernel", "triton::_fwd_grouped_kernel_stage1"} & set(result.unfitted)
+    # decode replayed full graphs; prefill replayed breakable ones (captured segments, attention eager between
+    # them: SGLang asked cuda-python whether its stream captured), saving the launches eager prefill pays
+    assert eager_prefill.graphs_captured >= 2 and eager_prefill.graph_replays >= 10
+    assert result.graphs_captured > eager_prefill.graphs_captured
+    assert result.graph_replays > eager_prefill.graph_replays
+    assert result.metrics.ttft.p50 < eager_prefill.metrics.ttft.p50
     assert result.clock_stalls == 0
+
+
+def test_a_replayed_decode_graph_prices_attention_over_the_lengths_it_then_holds(tmp_path):
+    # attention at 1 us per key of the longest sequence, anything else by the roofline
+    attention = OpModel("device", "revati::attention", "bfloat16", "linear", ("kv_len",), (1e-6,))
+    profile = Profile(models=[attention], device={"kind": "h100", "name": "NVIDIA H100 80GB HBM3"})
+    path = profile.write(tmp_path / "attention.parquet")
+    tpot = {p: _emulate([Request("r", 0.0, p, 16)], profile=path).metrics.tpot.p50 for p in (16, 1016)}
+    assert tpot[1016] - tpot[16] == pytest.approx(2 * 1000e-6, rel=0.15)  # 2 layers, 1,000 keys more

@@ -222,6 +222,21 @@ def test_perf_counter_differences_are_virtual_time(emulate):
 # -- memory --------------------------------------------------------------------------------------
 
 
+def test_a_weak_view_sees_a_tensor_without_keeping_its_memory_allocated(emulate):
+    from replayer.tensor import weak_view
+
+    emulate()
+    before = torch.cuda.memory_allocated()
+    positions = torch.arange(1024, device="cuda")  # 8 KB with a value
+    weak = weak_view(positions)
+    assert torch.cuda.memory_allocated() - before == 8192  # the view owns nothing
+    assert weak.shape == positions.shape and weak.cpu().tolist() == list(range(1024))
+    positions.add_(1)  # the owner's value changes: the view reads it
+    assert weak.cpu()[0].item() == 1
+    del positions
+    assert torch.cuda.memory_allocated() == before  # gone with its owner, as on the GPU
+
+
 def test_memory_allocated_counts_live_tensors_rounded_to_512_bytes(emulate):
     emulate()
     before = torch.cuda.memory_allocated()

@@ -3,8 +3,11 @@
 `JITFunction.run` is where every `kernel[grid](...)` launch lands (through `@triton.autotune` and
 `@triton.heuristics` too); while emulating, a launch with a virtual tensor among its arguments compiles
 nothing and runs no GPU code. It is one kernel on the clock, keyed 'triton::<kernel name>', with features
-from its grid and arguments: `programs` (the grid's size) and `bytes` (its tensor arguments' sizes; a
-kernel that reads part of a large buffer is better described by a rule of its own, below).
+from its grid and arguments: `programs` (the grid's size) and `bytes` (its tensor arguments' sizes). A
+kernel that is a computation revati knows by another key says so (`@priced`): an engine's Triton attention
+reads a few rows of a KV pool it is handed whole, and is priced as 'revati::attention' over the sequence
+lengths in its metadata; captured into a CUDA graph, it is priced again at each replay over the lengths its
+buffers then hold (`replayer.cuda.Graph.follow`).
 
 What it computes:
 - every tensor argument has a value (positions, slot mappings, block tables: integer metadata), or those
@@ -39,6 +42,10 @@ Rule = Callable[[dict, object], None]  # (bound arguments by name, emulator) -> 
 _rules: dict[str, Rule] = {}
 Exact = Callable[[dict, tuple], None]  # (argument values by name, grid) -> None; writes values in place
 _exact: dict[str, Exact] = {}
+# (bound arguments by name) -> (key, features, lengths): `lengths` = (indptr, entries, K / V element size),
+# the running sums of the sequence lengths the kernel reads in a tensor's first entries, or None
+Priced = Callable[[dict], tuple[str, dict, "tuple[VTensor, int, int] | None"]]
+_priced: dict[str, Priced] = {}  # by the kernel's module and name: names like `_fwd_kernel` recur
 
 
 def rule(*kernels: str) -> Callable[[Rule], Rule]:
@@ -59,6 +66,18 @@ def exact(*kernels: str) -> Callable[[Exact], Exact]:
     def register(fn: Exact) -> Exact:
         for name in kernels:
             _exact[name] = fn
+        return fn
+
+    return register
+
+
+def priced(*kernels: str) -> Callable[[Priced], Priced]:
+    """Register the op kernels compute, by '<module>.<kernel name>':
+    `@priced("pkg.ops.attention._fwd_kernel") def f(a) -> (key, features, (kv_indptr, batch + 1, 2))`."""
+
+    def register(fn: Priced) -> Priced:
+        for name in kernels:
+            _priced[name] = fn
         return fn
 
     return register
@@ -91,13 +110,17 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
     programs = math.prod(int(g) for g in grid)
     tensors = [t for t in bound.values() if isinstance(t, torch.Tensor)]
     name = kernel.fn.__name__
-    features = {
-        "programs": float(programs),
-        "bytes": float(sum(t.numel() * t.element_size() for t in tensors)),
-    }
-    key = f"triton::{name}"
-    d = emu.dispatcher
     dtype = tensors[0].dtype if tensors else None
+    how = _priced.get(f"{kernel.fn.__module__}.{name}")
+    if how is not None:
+        key, features, lengths = how({**_defaults(kernel), **kwargs, **bound})
+    else:
+        key, lengths = f"triton::{name}", None
+        features = {
+            "programs": float(programs),
+            "bytes": float(sum(t.numel() * t.element_size() for t in tensors)),
+        }
+    d = emu.dispatcher
     sig = d.external_signature(key, features, lambda: _price(emu, key, features, dtype))
     unknown = [k for k, v in bound.items() if type(v) is VTensor and v.value() is None]
     if name not in _rules and set(unknown) <= _SCRATCH.get(name, set()):
@@ -117,6 +140,10 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
             _rules[name](bound, emu)
     d.ops += 1
     emu.account(sig)
+    graph = emu.clock.capturing() if lengths is not None else None
+    if graph is not None:
+        indptr, entries, size = lengths
+        graph.follow(key, features, dtype, sig.duration * emu.wake, indptr, size, indptr=entries)
 
 
 def _price(emu, key: str, features: dict, dtype) -> tuple[float, float]:

@@ -14,6 +14,14 @@ def _missing(name):
     return call
 
 
+def weak_ref_tensor(t):
+    """A tensor over `t`'s memory that does not keep it allocated (SGLang's breakable CUDA graphs hand these
+    to eager break points between captured segments)."""
+    from replayer.tensor import weak_view
+
+    return weak_view(t)
+
+
 def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(name)
