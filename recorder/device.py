@@ -105,10 +105,9 @@ def _nvml_driver() -> str | None:
         return None
 
 
-# mallopt parameters (malloc.h) and the values a CPU recording runs with: freed blocks stay in the process
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_STEADY = {"trim_threshold": (_M_TRIM_THRESHOLD, 1 << 30), "top_pad": (_M_TOP_PAD, 64 << 20)}
-_STEADY["mmap_threshold"] = (_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest on 64-bit
+# (setting, mallopt parameter from malloc.h, value) a CPU recording runs with: freed blocks stay in the
+# process. 32 MB is the largest mmap threshold glibc takes on 64-bit.
+_STEADY = (("trim_threshold", -1, 1 << 30), ("top_pad", -2, 64 << 20), ("mmap_threshold", -3, 32 << 20))
 _steady: dict[str, int] = {}
 
 
@@ -118,7 +117,7 @@ def steady_memory() -> dict[str, int]:
     glibc's malloc hands large blocks back to the kernel on free (blocks above its mmap threshold, and the
     top of the heap past its trim threshold); the next op that allocates as much then faults in fresh zeroed
     pages. On a 2-core VM that made a decode step's gather up to 20x slower at random, and the held-out error
-    of a fit on such a recording 22-35 % instead of 9-11 %. Returns the settings applied (empty where the C
+    of a fit on such a recording 22-35 % instead of 9-12 %. Returns the settings applied (empty where the C
     library is not glibc); idempotent.
     """
     if _steady:
@@ -131,7 +130,7 @@ def steady_memory() -> dict[str, int]:
         mallopt = None
     if mallopt is None:
         return {}
-    for setting, (param, value) in _STEADY.items():
+    for setting, param, value in _STEADY:
         if mallopt(param, value) == 1:
             _steady[setting] = value
     return _steady
