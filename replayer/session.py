@@ -21,7 +21,6 @@ from replayer.clock import Clock, concrete
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
 from replayer.oracle import TokenOracle
-from replayer.shims import sglang_kernels  # noqa: F401 - registers how SGLang's kernels are priced
 from replayer.shims import triton as triton_shim
 from replayer.tensor import VTensor
 from revati.cost import IDLE_GAP, CostModel

@@ -50,34 +50,27 @@ _priced: dict[str, Priced] = {}  # by the kernel's module and name: names like `
 
 def rule(*kernels: str) -> Callable[[Rule], Rule]:
     """Register what kernels write when their inputs have no values: `@rule("_my_kernel") def f(a, emu)`."""
-
-    def register(fn: Rule) -> Rule:
-        for name in kernels:
-            _rules[name] = fn
-        return fn
-
-    return register
+    return _filed(_rules, kernels)
 
 
 def exact(*kernels: str) -> Callable[[Exact], Exact]:
     """Register a torch equivalent of kernels whose arguments have values: `@exact("_k") def f(values, grid)`,
     where `values` maps each parameter (defaults included) to its value, None for a `_SCRATCH` buffer."""
-
-    def register(fn: Exact) -> Exact:
-        for name in kernels:
-            _exact[name] = fn
-        return fn
-
-    return register
+    return _filed(_exact, kernels)
 
 
 def priced(*kernels: str) -> Callable[[Priced], Priced]:
     """Register the op kernels compute, by '<module>.<kernel name>':
     `@priced("pkg.ops.attention._fwd_kernel") def f(a) -> (key, features, (kv_indptr, batch + 1, 2))`."""
+    return _filed(_priced, kernels)
 
-    def register(fn: Priced) -> Priced:
+
+def _filed(table: dict, kernels: tuple[str, ...]) -> Callable:
+    """A decorator that files its function in `table` under each of `kernels`."""
+
+    def register(fn):
         for name in kernels:
-            _priced[name] = fn
+            table[name] = fn
         return fn
 
     return register
@@ -89,6 +82,8 @@ def install(patch) -> None:
         from triton.runtime.jit import JITFunction
     except ImportError:
         return
+    from replayer.shims import sglang_kernels  # noqa: F401 - how SGLang's Triton attention is priced
+
     real_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
