@@ -123,6 +123,7 @@ class Clock:
         self.tree = None  # replayer.tree.Tree: the time shared with an engine's other processes
         self._tree_seen = (-1, 0.0)  # the tree's change count and the real time at our last decision
         self.worked = False  # some thread launched device work
+        self.captures = 0  # threads capturing a CUDA graph now
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -292,13 +293,20 @@ class Clock:
             return host, start, stream
 
     def begin_capture(self, graph) -> None:
-        self._me().capture = graph
+        me = self._me()
+        with self._lock:
+            self.captures += me.capture is None
+            me.capture = graph
 
     def end_capture(self) -> None:
-        self._me().capture = None
+        me = self._me()
+        with self._lock:
+            self.captures -= me.capture is not None
+            me.capture = None
 
     def capturing(self):
-        return self._me().capture
+        """The graph the calling thread captures into, or None (at once when no thread captures)."""
+        return self._me().capture if self.captures else None
 
     def advance_stream(self, stream: int, duration: float) -> float:
         """Append `duration` of work to a stream (a graph replay); returns its start."""

@@ -112,6 +112,8 @@ def _describe(x, parts, tensors):
 
 
 _PLAIN = (int, float, bool, type(None), str, torch.dtype)
+_ZEROS = "zeros"  # a factory's value: zeros (uninitialised integer memory)
+_RUN = "run"  # a factory's value: the factory run on the CPU
 _NO_KWARGS: dict = {}
 
 
@@ -127,6 +129,7 @@ class Dispatcher:
         self.signatures: list[Signature] = []
         self.unfitted: set[str] = set()  # op keys priced without a model fitted for them (family, roofline)
         self._schemas: dict[OpOverload, tuple] = {}
+        self._factories: dict[tuple, tuple] = {}  # factory call signature -> (Meta, device, fill)
         self.ops = 0
         self.misses = 0
         self.value_ops = 0
@@ -235,7 +238,34 @@ class Dispatcher:
         self.emu.clock.capturing().follow(key, features, op_dtype(margs, mkwargs), duration, lengths, size)
 
     def factory(self, func: OpOverload, args: tuple, kwargs: dict) -> Any:
-        """A CUDA-key call with no virtual tensor in it: a factory (`torch.empty(..., device="cuda")`)."""
+        """A CUDA-key call with no virtual tensor in it: a factory (`torch.empty(..., device="cuda")`). What
+        it builds is worked out on the meta device once per call signature; values are built at every call."""
+        parts: list = [id(func)]
+        tensors: list = []
+        for a in args:
+            _describe(a, parts, tensors)
+        for k, v in kwargs.items():
+            parts.append(k)
+            _describe(v, parts, tensors)
+        key = tuple(parts) if not tensors else None
+        made = self._factories.get(key) if key is not None else None
+        if made is None:
+            made = self._factory(func, args, kwargs)
+            if key is not None:
+                self._factories[key] = made
+        m, device, fill = made
+        if fill is None:
+            value = None
+        elif fill is _ZEROS:
+            value = torch.zeros(m.shape, dtype=m.dtype).as_strided(m.shape, m.stride)
+        else:  # _RUN
+            cpu_kwargs = dict(kwargs)
+            cpu_kwargs["device"] = _CPU
+            value = func(*args, **cpu_kwargs)
+        return make(m, device, Storage(m.nbytes, self.allocator, True if value is not None else None), value)
+
+    def _factory(self, func: OpOverload, args: tuple, kwargs: dict) -> tuple:
+        """A factory's (metadata, device, how its value is built: None, _ZEROS or _RUN)."""
         kwargs = dict(kwargs)
         device = kwargs.get("device")
         device = torch.device(device) if device is not None else self.device
@@ -245,18 +275,16 @@ class Dispatcher:
         meta = func(*args, **kwargs)
         if not isinstance(meta, _Tensor):
             raise NotImplementedError(f"revati: CUDA call {func} with no virtual tensor is not emulated")
-        value = None
+        fill = None
         if value_allowed(meta.dtype, meta.numel()):
             if func in (aten.empty.memory_format, aten.empty_strided.default):
                 # Uninitialised memory: integer buffers (token ids, positions, block tables) start as zeros so
                 # later partial writes keep them known; float contents stay unknown.
                 if meta.dtype in _INTEGRAL:
-                    value = torch.zeros(meta.shape, dtype=meta.dtype).as_strided(meta.shape, meta.stride())
+                    fill = _ZEROS
             else:
-                kwargs["device"] = _CPU
-                value = func(*args, **kwargs)
-        m = Meta.of_tensor(meta)
-        return make(m, device, Storage(m.nbytes, self.allocator, True if value is not None else None), value)
+                fill = _RUN
+        return Meta.of_tensor(meta), device, fill
 
     def external_signature(
         self, key: str, features: dict, price: Callable[[], tuple[float, float]]
@@ -380,8 +408,10 @@ class Dispatcher:
         if with_values:
             self.value_ops += 1
             # Capturing records kernels without running them: a mutating op computes on copies then.
-            value_of = _cpu_copy if graph is not None and sig.mutated else _cpu_value
-            real = func(*_map_tensors(args, value_of), **_cpu_kwargs(kwargs))
+            if graph is not None and sig.mutated:
+                real = func(*_map_tensors(args, _cpu_copy), **_cpu_kwargs(kwargs))
+            else:
+                real = func(*_cpu_args(args), **_cpu_kwargs(kwargs))
             reals = [real] if sig.kind is None else list(real)
             if overwrite:
                 dst = args[0]
@@ -521,13 +551,26 @@ def _cpu_value(t: torch.Tensor) -> torch.Tensor:
     return t._value if type(t) is VTensor else t
 
 
+def _cpu_args(args: tuple) -> list:
+    """`_map_tensors(args, _cpu_value)` unrolled for an op's positional arguments (the value path)."""
+    out = []
+    for a in args:
+        if type(a) is VTensor:
+            out.append(a._value)
+        elif type(a) in _PLAIN:
+            out.append(a)
+        else:
+            out.append(_map_tensors(a, _cpu_value))
+    return out
+
+
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return _cpu_value(t).clone()
 
 
 def _rerun(func, args, kwargs, results, kind) -> None:
     """A graph replay runs a captured value-carrying op again, writing into the outputs' values."""
-    real = func(*_map_tensors(args, _cpu_value), **_cpu_kwargs(kwargs))
+    real = func(*_cpu_args(args), **_cpu_kwargs(kwargs))
     for r, out in zip([real] if kind is None else real, results, strict=True):
         if type(out) is VTensor and out._value is not None:
             if r is not out._value:
@@ -536,6 +579,8 @@ def _rerun(func, args, kwargs, results, kind) -> None:
 
 
 def _cpu_kwargs(kwargs: dict) -> dict:
+    if not kwargs:
+        return kwargs
     kw = _map_tensors(kwargs, _cpu_value)
     if kw.get("device") is not None:
         kw["device"] = _CPU
@@ -664,12 +709,13 @@ _inference_mode = torch.is_inference_mode_enabled
 
 def _outside_inference(fn):
     def made(*args):
-        with torch.inference_mode(False):
+        with _InferenceMode(False):  # torch.inference_mode(False) without its Python wrapper
             return fn(*args)
 
     return made
 
 
+_InferenceMode = torch._C._InferenceMode
 _wrap_outside_inference = _outside_inference(_wrap)
 _make_outside_inference = _outside_inference(make)
 

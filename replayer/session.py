@@ -400,6 +400,9 @@ def _override_cuda_factories(patch: Patcher) -> None:
     patch.on_restore(lib._destroy)
 
 
+_HOST = torch.device("cpu")
+
+
 def _builds_on_cuda(device) -> bool:
     """Whether a factory given `device` (None: the default one) builds on cuda."""
     return _is_cuda(device) if device is not None else _default_is_cuda()
@@ -467,8 +470,7 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
 
         def factory(*args, device=None, **kwargs):
             if _builds_on_cuda(device):
-                with torch.device("cpu"):
-                    return emu.from_host(real(*args, **kwargs), None)
+                return emu.from_host(real(*args, device=_HOST, **kwargs), None)
             return real(*args, device=device, **kwargs)
 
         factory.__name__ = name

@@ -40,7 +40,8 @@ _SCRATCH = {"_post_update_kernel": {"output_bin_counts_ptr"}}
 
 Rule = Callable[[dict, object], None]  # (bound arguments by name, emulator) -> None
 _rules: dict[str, Rule] = {}
-Exact = Callable[[dict, tuple], None]  # (argument values by name, grid) -> None; writes values in place
+# (argument values by name, grid) -> None, writing values in place; or NotImplemented: interpret this launch
+Exact = Callable[[dict, tuple], object]
 _exact: dict[str, Exact] = {}
 # (bound arguments by name) -> (key, features, lengths): `lengths` = (indptr, entries, K / V element size),
 # the running sums of the sequence lengths the kernel reads in a tensor's first entries, or None
@@ -55,7 +56,8 @@ def rule(*kernels: str) -> Callable[[Rule], Rule]:
 
 def exact(*kernels: str) -> Callable[[Exact], Exact]:
     """Register a torch equivalent of kernels whose arguments have values: `@exact("_k") def f(values, grid)`,
-    where `values` maps each parameter (defaults included) to its value, None for a `_SCRATCH` buffer."""
+    where `values` maps each parameter (defaults included) to its value, None for a `_SCRATCH` buffer. It
+    returns NotImplemented for a launch it does not cover: that one runs in the interpreter."""
     return _filed(_exact, kernels)
 
 
@@ -120,9 +122,11 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
     unknown = [k for k, v in bound.items() if type(v) is VTensor and v.value() is None]
     if name not in _rules and set(unknown) <= _SCRATCH.get(name, set()):
         values = {k: (v.value() if type(v) is VTensor else v) for k, v in bound.items()}
-        if name in _exact:
-            _exact[name]({**_defaults(kernel), **values}, tuple(int(g) for g in grid))
-        else:
+        torch_form = _exact.get(name)
+        if (
+            torch_form is None
+            or torch_form({**_defaults(kernel), **values}, tuple(int(g) for g in grid)) is NotImplemented
+        ):
             _interpret(kernel, values, bound, kwargs, grid, unknown)
         for k in unknown:  # a scratch buffer stays unknown
             bound[k]._vstorage.value = None

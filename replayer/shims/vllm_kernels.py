@@ -1,9 +1,10 @@
 """vLLM's Triton kernels on the virtual device, where running them in Triton's interpreter will not do.
 
 - Metadata kernels (`@exact`): Triton's interpreter runs any kernel exactly, at about a millisecond per
-  program on this kind of machine; the four that vLLM's model runner launches every step (positions and
-  sequence lengths, sampled-token counts, the next input ids, post-sampling bookkeeping) cost it about 30 ms
-  a step, longer than the step they describe on an H100. Each function here is its kernel's program body
+  program on this kind of machine; the five that vLLM's model runner launches every step (positions and
+  sequence lengths, sampled-token counts, the next input ids, post-sampling bookkeeping, staged writes of
+  block tables and sampling parameters) cost it about 30 ms a step, longer than the step they describe on
+  an H100. Each function here is its kernel's program body
   for all programs at once, on the same pointer arithmetic (`_flat`: a pointer argument as the flat memory
   from its first element). tests/test_vllm.py runs each against the kernel itself in the interpreter.
 - The sampler (`@rule`): its logits have no values; the token ids come from the token oracle.
@@ -119,6 +120,25 @@ def _post_update(a: dict, grid: tuple) -> None:
     computed = _flat(a["num_computed_tokens_ptr"])
     delta = query_len - _i64(_flat(a["num_rejected_ptr"])[b])
     computed[state] = (_i64(computed[state]) + delta).to(computed.dtype)
+
+
+@exact("_apply_write_kernel")
+def _apply_write(a: dict, grid: tuple):
+    """vLLM's staged writes (sampling parameters, block tables): program i copies its slice of the contents
+    into row `write_indices[i]` from column `write_starts[i]`. Writes into several tensors at once
+    (`MULTI_GROUP`, through a table of their addresses) are left to the interpreter."""
+    if a["MULTI_GROUP"]:
+        return NotImplemented
+    n = grid[0]
+    out = _flat(a["output_ptr"])
+    cu_end = _i64(_flat(a["write_cu_lens_ptr"])[:n])
+    cu_start = torch.cat([cu_end.new_zeros(1), cu_end[:-1]])
+    row, offset = _ragged(cu_end - cu_start)
+    rows = _i64(_flat(a["write_indices_ptr"])[:n])
+    starts = _i64(_flat(a["write_starts_ptr"])[:n])
+    contents = _flat(a["write_contents_ptr"])[cu_start[row] + offset]
+    out[rows[row] * a["output_stride"] + starts[row] + offset] = contents.to(out.dtype)
+    return None
 
 
 @rule("_gumbel_sample_kernel")
