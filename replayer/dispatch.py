@@ -210,6 +210,22 @@ class Dispatcher:
                 out._d = meta
                 out._vstorage = base._vstorage
                 out._value = None
+            elif (
+                meta is not None
+                and type(base) is VTensor
+                and sig.value_ok
+                and base._vstorage.value is not None
+                and len(tensors) == 1
+            ):  # a view of a known value: the same view of the value (it reads the same memory on replays)
+                self.value_ops += 1
+                value = func(base._value, *args[1:], **kwargs)
+                wrap = _wrap if not _inference_mode() or base.is_inference() else _wrap_outside_inference
+                out = wrap(
+                    VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
+                )
+                out._d = meta
+                out._vstorage = base._vstorage
+                out._value = value
             else:
                 out = self._outputs(sig, func, args, kwargs, tensors)
         emu = self.emu  # Emulator.account, inlined: a call less per op

@@ -401,6 +401,23 @@ def test_a_graph_replay_updates_the_values_it_writes(emulate):
     assert pos.tolist() == [2, 3, 4]
 
 
+def test_a_view_of_a_known_value_reads_the_writes_made_after_it(emulate):
+    emulate()
+    buf = torch.zeros(4, 6, dtype=torch.int64, device="cuda")
+    last = buf[:, -1:]  # a view made while the value is known: it shares the value's memory
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        col = buf.T[2]  # captured: a replay does not run it again, it reads whatever buf then holds
+        buf.add_(1)
+    buf[1, 5] = 7
+    assert last.flatten().tolist() == [0, 7, 0, 0] and col.tolist() == [0, 0, 0, 0]
+    g.replay()
+    assert last.flatten().tolist() == [1, 8, 1, 1] and col.tolist() == [1, 1, 1, 1]
+    assert last.value() is not None and last.value().untyped_storage().data_ptr() == (
+        buf.value().untyped_storage().data_ptr()
+    )
+
+
 def test_a_graph_replay_draws_new_token_ids(emulate):
     emulate()
     logits = torch.empty(2, 1000, device="cuda")  # no values: argmax asks the token oracle
