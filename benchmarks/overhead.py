@@ -5,14 +5,24 @@
    interception) and against the plain CPU op.
 2. Wall time of a tiny model served by a real engine under emulation against the same engine on
    real CPU tensors (the serving code's own host time plus the tiny model's CPU kernels).
+3. Against a real GPU: the shipped H100 recordings of hf-generate serving Llama-3.1-8B without the
+   profiler (`traces/h100/gen-*-timeline`: the serving code's host time on the GPU's own machine, eager HF
+   decode being host-bound), against `revati emulate` of the same workload with the shipped H100 profile
+   on this machine (its wall time includes the engine's set-up and warm-up request; the recording's
+   does not).
 
-    python benchmarks/overhead.py [--ops 20000] [--engine hf-generate] [--requests 16]
+    python benchmarks/overhead.py [--ops 20000] [--engine hf-generate] [--requests 16] [--no-gpu-runs]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -92,6 +102,27 @@ def engine_overhead(engine: str, requests: int, layers: int | None = None) -> di
     return {"real_cpu_s": real, "emulated_s": emulated, "ops": ops}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+GPU_RUNS = ("gen-b1-p128-timeline", "gen-b32-p1024-timeline")
+
+
+def against_gpu(name: str) -> dict:
+    """A shipped H100 timeline recording's serving time, and `revati emulate` of its workload here."""
+    import pyarrow.parquet as pq
+
+    run = pq.read_table(ROOT / "traces" / "h100" / name / "run").to_pylist()[0]
+    recorded = json.loads(run["extra"])["serving_seconds"]
+    argv = ["emulate", "--engine", run["engine"], "--model", run["model"], "--gpu", "h100"]
+    argv += ["--workload", run["workload"], "--ops", "none", "--json"]
+    with tempfile.TemporaryDirectory(prefix="revati-overhead-") as tmp:
+        out = subprocess.run(
+            [sys.executable, "-m", "revati", *argv, "--out", str(Path(tmp) / "trace")],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+    figures = json.loads(out.stdout)
+    return {"workload": run["workload"], "recorded_s": recorded, "emulated_s": figures["wall_seconds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,6 +130,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=20000)
     parser.add_argument("--engine", default="hf-generate")
     parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--no-gpu-runs", action="store_true", help="skip part 3 (two 8B emulations)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     o = op_overhead(args.ops)
@@ -116,6 +148,14 @@ def main() -> None:
         print(f"  emulated (virtual H100)   {e['emulated_s']:7.3f} s   ({e['ops']:,} ops, "
               f"{e['emulated_s'] / max(e['ops'], 1) * 1e6:.1f} us per op all in)")  # fmt: skip
         print(f"  ratio emulated / real     {e['emulated_s'] / e['real_cpu_s']:7.2f}x")
+    if args.no_gpu_runs:
+        return
+    for name in GPU_RUNS:
+        g = against_gpu(name)
+        print(f"hf-generate, Llama-3.1-8B, {g['workload']}:")
+        print(f"  recorded on an H100       {g['recorded_s']:7.3f} s   (traces/h100/{name})")
+        print(f"  emulated on this machine  {g['emulated_s']:7.3f} s")
+        print(f"  ratio emulated / real     {g['emulated_s'] / g['recorded_s']:7.2f}x")
 
 
 if __name__ == "__main__":
