@@ -174,13 +174,17 @@ class Graph:
     def _length_correction(self) -> float:
         """Device seconds the following kernels take at this replay beyond their captured durations."""
         emu, extra = self._emu, 0.0
+        longest: dict[tuple, float | None] = {}  # every layer's attention reads the same lengths buffer
         for same, features, captured, lengths, indptr in self.following:
-            value = lengths.value()
-            if value is not None and indptr:
-                value = value[1:indptr] - value[: indptr - 1]
-            if value is None or not value.numel():
+            seen = (id(lengths), indptr)
+            kv_len = longest.get(seen, -1.0)
+            if kv_len == -1.0:
+                value = lengths.value()
+                if value is not None and indptr:
+                    value = value[1:indptr] - value[: indptr - 1]
+                kv_len = longest[seen] = float(value.max()) if value is not None and value.numel() else None
+            if kv_len is None:
                 continue
-            kv_len = float(value.max())
             price = emu.replay_prices.get((same, kv_len))
             if price is None:
                 key, _, dtype, size = same

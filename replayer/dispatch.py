@@ -33,6 +33,9 @@ _CPU = torch.device("cpu")
 
 # Ops whose first argument is only written: its old contents do not matter.
 _OVERWRITES = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
+# Ops that only allocate: uninitialised memory on the GPU, whose value starts as zeros here (as that of `cuda`
+# factories does) so that it is the same at every run; a graph replay allocates nothing again.
+_ALLOCATIONS = {aten.empty_like.default, aten.new_empty.default, aten.new_empty_strided.default}
 # Index-producing ops: output position -> where the vocabulary size comes from.
 _TOKEN_OPS = {aten.argmax.default: 0, aten.multinomial.default: 0, aten.topk.default: 1, aten.max.dim: 1}
 
@@ -424,7 +427,10 @@ class Dispatcher:
         if with_values:
             self.value_ops += 1
             # Capturing records kernels without running them: a mutating op computes on copies then.
-            if graph is not None and sig.mutated:
+            if func in _ALLOCATIONS:  # memory, no kernel: zeros (see _ALLOCATIONS); no rerun on replays
+                real = torch.zeros_like(func(*_cpu_args(args), **_cpu_kwargs(kwargs)))
+                graph = None
+            elif graph is not None and sig.mutated:
                 real = func(*_map_tensors(args, _cpu_copy), **_cpu_kwargs(kwargs))
             else:
                 real = func(*_cpu_args(args), **_cpu_kwargs(kwargs))

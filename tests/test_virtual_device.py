@@ -418,6 +418,20 @@ def test_a_view_of_a_known_value_reads_the_writes_made_after_it(emulate):
     )
 
 
+def test_memory_allocated_like_a_known_tensor_is_zeros_and_a_replay_keeps_what_was_written(emulate):
+    emulate()
+    src = torch.arange(1000, 1256, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        buf = torch.empty_like(src)  # memory taken at capture; a replay allocates nothing
+        twice = src * 2
+    assert buf.tolist() == [0] * 256
+    for _ in range(3):
+        buf.copy_(src)
+        g.replay()
+        assert buf.tolist() == src.tolist() and twice.tolist() == (src * 2).tolist()
+
+
 def test_a_graph_replay_draws_new_token_ids(emulate):
     emulate()
     logits = torch.empty(2, 1000, device="cuda")  # no values: argmax asks the token oracle
