@@ -205,23 +205,19 @@ class Dispatcher:
         else:
             meta = sig.fast_view
             base = args[0] if meta is not None else None
-            if meta is not None and type(base) is VTensor and base._value is None:  # a value-less view
-                wrap = _wrap if not _inference_mode() or base.is_inference() else _wrap_outside_inference
-                out = wrap(
-                    VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
-                )
-                out._d = meta
-                out._vstorage = base._vstorage
-                out._value = None
-            elif (
+            if (
                 meta is not None
                 and type(base) is VTensor
-                and sig.value_ok
-                and base._vstorage.value is not None
-                and len(tensors) == 1
-            ):  # a view of a known value: the same view of the value (it reads the same memory on replays)
-                self.value_ops += 1
-                value = func(base._value, *args[1:], **kwargs)
+                and (
+                    base._value is None
+                    or (sig.value_ok and base._vstorage.value is not None and len(tensors) == 1)
+                )
+            ):  # a view of no value, or of a known one: the same view of the value (its memory, replays too)
+                if base._value is None:
+                    value = None
+                else:
+                    self.value_ops += 1
+                    value = func(base._value, *args[1:], **kwargs)
                 wrap = _wrap if not _inference_mode() or base.is_inference() else _wrap_outside_inference
                 out = wrap(
                     VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
