@@ -319,6 +319,18 @@ class Dispatcher:
             self.cache[ckey] = sig
         return sig
 
+    def launch_kernel(self, key: str, features: dict, dtype: torch.dtype | None = None) -> None:
+        """One kernel issued outside aten dispatch (a factory built on the host), priced like an aten op."""
+
+        def price() -> tuple[float, float]:
+            duration = self.emu.cost.device_time(key, features, dtype)
+            self._priced(key, dtype, duration)
+            return duration, _host_cost(self.emu.cost, key, duration, self.emu.clock.wall)
+
+        sig = self.external_signature(key, features, price)
+        self.ops += 1
+        self.emu.account(sig)
+
     # -- signatures ------------------------------------------------------------------------------
 
     def _schema(self, func: OpOverload):

@@ -22,7 +22,7 @@ from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
 from replayer.oracle import TokenOracle
 from replayer.shims import triton as triton_shim
-from replayer.tensor import VTensor
+from replayer.tensor import VTensor, value_allowed
 from revati.cost import IDLE_GAP, CostModel
 from revati.hardware import GpuSpec
 
@@ -250,6 +250,22 @@ class Emulator:
         dst.copy_(t)
         return dst
 
+    def filled_on_device(self, host: torch.Tensor, key: str) -> VTensor:
+        """A tensor a factory kernel (`key`: aten::arange, ...) fills on the GPU, its value built on the host:
+        one kernel over its elements, as `op_features` prices a factory (no inputs)."""
+        out = self.factory(
+            torch.ops.aten.empty_strided.default,
+            (host.shape, host.stride()),
+            {"dtype": host.dtype, "device": self.device},
+        )
+        if value_allowed(host.dtype, host.numel()):
+            out._value, out._vstorage.value = host, True
+        nbytes = host.numel() * host.element_size()
+        self.outside(
+            self.dispatcher.launch_kernel, key, {"numel": float(host.numel()), "bytes": float(nbytes)}
+        )
+        return out
+
     # -- engine steps (the Observer protocol of revati.engines) ---------------------------------
 
     def serving_start(self) -> None:
@@ -465,29 +481,40 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
 
     def host_built(name):
         # Composite factories that fill through an `out=` argument after allocating it empty; a wrapper
-        # tensor cannot be resized in place, so these are built on the host and copied over.
+        # tensor cannot be resized in place, so these are built on the host, and priced as their kernel.
         real = getattr(torch, name)
 
         def factory(*args, device=None, **kwargs):
             if _builds_on_cuda(device):
-                return emu.from_host(real(*args, device=_HOST, **kwargs), None)
+                return emu.filled_on_device(real(*args, device=_HOST, **kwargs), key)
             return real(*args, device=device, **kwargs)
+
+        key = f"aten::{name}"
 
         factory.__name__ = name
         return factory
 
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     aten = torch.ops.aten
+    cpu_profile = getattr(emu.cost, "synchronous", False)  # the virtual device is a recorded CPU
 
     def scaled_dot_product_attention(
         query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
     ):
-        # A CPU build decomposes this into bmm + softmax (the math path) whatever the device; call the fused
-        # kernel a CUDA build picks instead: flash without a mask in half precision, else efficient.
+        # A CPU build decomposes this into bmm + softmax (the math path) on a device it has no fused kernel
+        # for; call the fused kernel a CUDA build picks instead: flash without a mask in half precision, else
+        # efficient (with grouped query heads repeated first). A CPU profile gets the kernel a CPU build runs.
         if type(query) is not VTensor:
             return real_sdpa(
                 query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
             )
+        if cpu_profile:  # what a CPU build runs: its flash kernel, grouped query heads inside it
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                minus_inf = torch.scalar_tensor(float("-inf"), dtype=query.dtype, device=query.device)
+                attn_mask = torch.where(attn_mask, 0.0, minus_inf)
+            return aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+            )[0]
         heads, kv_heads = query.shape[-3], key.shape[-3]
         half = query.dtype in (torch.float16, torch.bfloat16)
         if attn_mask is None and half and query.shape[-1] == value.shape[-1] <= 256:

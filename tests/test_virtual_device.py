@@ -432,6 +432,40 @@ def test_memory_allocated_like_a_known_tensor_is_zeros_and_a_replay_keeps_what_w
         assert buf.tolist() == src.tolist() and twice.tolist() == (src * 2).tolist()
 
 
+def _attention_ops(emu, mask: bool) -> list[str]:
+    """The op keys one grouped-query attention call issues (8 query heads over 4 KV heads)."""
+    q = torch.empty(1, 8, 1, 32, device="cuda")
+    k, v = torch.empty(1, 4, 50, 32, device="cuda"), torch.empty(1, 4, 50, 32, device="cuda")
+    m = torch.ones(1, 1, 1, 50, dtype=torch.bool, device="cuda") if mask else None
+    before = len(emu.ops)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    assert out.shape == (1, 8, 1, 32)
+    return [emu.dispatcher.signatures[row[1]].key for row in emu.ops[before:]]
+
+
+def test_attention_issues_the_kernels_of_the_device_the_profile_was_recorded_on(emulate):
+    # a GPU: the efficient kernel, the KV heads repeated to the query heads first (two copies)
+    emu = emulate(ops="all")
+    gpu = _attention_ops(emu, mask=False)
+    assert gpu.count("revati::attention") == 1 and gpu.count("aten::clone") == 2
+    emu.deactivate()
+    # a recorded CPU (a synchronous profile): its own flash kernel, grouped heads inside it, and a boolean
+    # mask turned into an additive one by one `where`, as a CPU build does
+    cpu = _attention_ops(emulate(ops="all", cost_extra={"synchronous": True}), mask=True)
+    assert cpu[-2:] == ["aten::where", "revati::attention"], cpu
+    assert set(cpu[:-2]) <= {"aten::fill_"}  # the two scalars `where` chooses between, as on a CPU
+
+
+def test_a_factory_filled_on_the_device_is_its_own_kernel_not_a_copy(emulate):
+    emu = emulate(device={"aten::arange": 2e-6, "aten::copy_": 9e-6}, ops="all")
+    before = len(emu.ops)
+    positions = torch.arange(3, 9, device="cuda")
+    rows = emu.ops[before:]
+    assert [emu.dispatcher.signatures[r[1]].key for r in rows] == ["aten::arange"]
+    assert rows[0][5] == pytest.approx(2e-6)  # priced as arange, over its 6 elements
+    assert positions.tolist() == [3, 4, 5, 6, 7, 8]
+
+
 def test_a_graph_replay_draws_new_token_ids(emulate):
     emulate()
     logits = torch.empty(2, 1000, device="cuda")  # no values: argmax asks the token oracle
