@@ -319,17 +319,24 @@ class Dispatcher:
             self.cache[ckey] = sig
         return sig
 
-    def launch_kernel(self, key: str, features: dict, dtype: torch.dtype | None = None) -> None:
-        """One kernel issued outside aten dispatch (a factory built on the host), priced like an aten op."""
+    def launch_kernel(self, key: str, features: dict, dtype: torch.dtype | None = None) -> Signature:
+        """One kernel issued outside aten dispatch (a Triton launch, a factory built on the host), priced as
+        an aten op is (once per key and features, the emulator's own time off the clock), on the clock."""
 
         def price() -> tuple[float, float]:
-            duration = self.emu.cost.device_time(key, features, dtype)
-            self._priced(key, dtype, duration)
-            return duration, _host_cost(self.emu.cost, key, duration, self.emu.clock.wall)
+            clock = self.emu.clock
+            clock.hold()
+            try:
+                duration = self.emu.cost.device_time(key, features, dtype)
+                self._priced(key, dtype, duration)
+                return duration, _host_cost(self.emu.cost, key, duration, clock.wall)
+            finally:
+                clock.release()
 
         sig = self.external_signature(key, features, price)
         self.ops += 1
         self.emu.account(sig)
+        return sig
 
     # -- signatures ------------------------------------------------------------------------------
 

@@ -117,8 +117,6 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
             "programs": float(programs),
             "bytes": float(sum(t.numel() * t.element_size() for t in tensors)),
         }
-    d = emu.dispatcher
-    sig = d.external_signature(key, features, lambda: _price(emu, key, features, dtype))
     unknown = [k for k, v in bound.items() if type(v) is VTensor and v.value() is None]
     if name not in _rules and set(unknown) <= _SCRATCH.get(name, set()):
         values = {k: (v.value() if type(v) is VTensor else v) for k, v in bound.items()}
@@ -137,23 +135,11 @@ def launch(kernel, args: tuple, kwargs: dict, grid) -> None:
                 t._vstorage.value = None
         if name in _rules:
             _rules[name](bound, emu)
-    d.ops += 1
-    emu.account(sig)
+    sig = emu.dispatcher.launch_kernel(key, features, dtype)
     graph = emu.clock.capturing() if lengths is not None else None
     if graph is not None:
         indptr, entries, size = lengths
         graph.follow(key, features, dtype, sig.duration * emu.wake, indptr, size, indptr=entries)
-
-
-def _price(emu, key: str, features: dict, dtype) -> tuple[float, float]:
-    """(device, host) seconds of a launch never priced before; the emulator's time stays off the clock."""
-    emu.clock.hold()
-    try:
-        duration = emu.cost.device_time(key, features, dtype)
-        emu.dispatcher._priced(key, dtype, duration)
-        return duration, emu.cost.host_time(key)
-    finally:
-        emu.clock.release()
 
 
 def _interpret(kernel, values: dict, bound: dict, kwargs: dict, grid, unknown: list[str]) -> None:
