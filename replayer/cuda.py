@@ -177,12 +177,12 @@ class Graph:
         longest: dict[tuple, float | None] = {}  # every layer's attention reads the same lengths buffer
         for same, features, captured, lengths, indptr in self.following:
             seen = (id(lengths), indptr)
-            kv_len = longest.get(seen, -1.0)
-            if kv_len == -1.0:
+            if seen not in longest:
                 value = lengths.value()
                 if value is not None and indptr:
                     value = value[1:indptr] - value[: indptr - 1]
-                kv_len = longest[seen] = float(value.max()) if value is not None and value.numel() else None
+                longest[seen] = float(value.max()) if value is not None and value.numel() else None
+            kv_len = longest[seen]
             if kv_len is None:
                 continue
             price = emu.replay_prices.get((same, kv_len))

@@ -242,22 +242,22 @@ class Emulator:
         """A host-to-device copy of a real CPU tensor."""
         if dtype is not None and dtype != t.dtype:
             t = t.to(dtype)
-        dst = self.factory(
-            torch.ops.aten.empty_strided.default,
-            (t.shape, t.stride()),
-            {"dtype": t.dtype, "device": self.device},
-        )
+        dst = self._laid_out_like(t)
         dst.copy_(t)
         return dst
 
-    def filled_on_device(self, host: torch.Tensor, key: str) -> VTensor:
-        """A tensor a factory kernel (`key`: aten::arange, ...) fills on the GPU, its value built on the host:
-        one kernel over its elements, as `op_features` prices a factory (no inputs)."""
-        out = self.factory(
+    def _laid_out_like(self, host: torch.Tensor) -> VTensor:
+        """Uninitialised device memory with a host tensor's shape, strides and dtype."""
+        return self.factory(
             torch.ops.aten.empty_strided.default,
             (host.shape, host.stride()),
             {"dtype": host.dtype, "device": self.device},
         )
+
+    def filled_on_device(self, host: torch.Tensor, key: str) -> VTensor:
+        """A tensor a factory kernel (`key`: aten::arange, ...) fills on the GPU, its value built on the host:
+        one kernel over its elements, as `op_features` prices a factory (no inputs)."""
+        out = self._laid_out_like(host)
         if value_allowed(host.dtype, host.numel()):
             out._value, out._vstorage.value = host, True
         nbytes = host.numel() * host.element_size()
