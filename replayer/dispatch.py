@@ -64,6 +64,7 @@ class Signature:
     scalars: str | None = None
     sig_id: int = 0
     extrapolated: bool = False
+    per_request: float = 0.0  # host seconds per request in the engine step (`_host_per_request`)
 
 
 def _schema_refs(func: OpOverload):
@@ -229,12 +230,13 @@ class Dispatcher:
                 out = self._outputs(sig, func, args, kwargs, tensors)
         emu = self.emu  # Emulator.account, inlined: a call less per op
         w = emu.wake
-        host, start, stream = self.launch(sig.duration * w, sig.host * w)
+        host_cost = (sig.host + sig.per_request * emu.batch) * w
+        host, start, stream = self.launch(sig.duration * w, host_cost)
         if stream < 0 and sig.key == _ATTENTION:  # captured into a CUDA graph: see Graph.follow
             self._follow_lengths(sig, func, args, kwargs, sig.duration * w)
         if emu._log_ops:
             emu.ops.append(
-                (self.ops, sig.sig_id, host, sig.host * w, start, sig.duration * w, stream, emu._iteration)
+                (self.ops, sig.sig_id, host, host_cost, start, sig.duration * w, stream, emu._iteration)
             )
         return out
 
@@ -402,6 +404,7 @@ class Dispatcher:
             key=key,
             duration=duration,
             host=_host_cost(cost, key, duration, self.emu.clock.wall),
+            per_request=_host_per_request(cost, key, self.emu.clock.wall),
             outs=outs,
             kind=kind,
             mutated=written,
@@ -541,6 +544,7 @@ class Dispatcher:
         self._priced(key, dtype, duration)
         sig = Signature(
             key=key, duration=duration, host=_host_cost(cost, key, duration, self.emu.clock.wall),
+            per_request=_host_per_request(cost, key, self.emu.clock.wall),
             outs=[], kind=None, mutated=(), names=[], value_ok=True, fast=None, fast_view=None,
             input_shapes=[list(t.shape) for t in tensors],
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],
@@ -789,6 +793,13 @@ def _host_cost(cost, key: str, duration: float, wall: bool) -> float:
     # what a real CPU spends after a bigger op (freeing, first touches) no virtual tensor makes: both modes
     slope = getattr(cost, "host_slope", None)
     return host + duration * (1.0 + (slope(key) if slope is not None else 0.0))
+
+
+def _host_per_request(cost, key: str, wall: bool) -> float:
+    """Host time to issue an op per request in the current engine step (serving code that loops over the
+    batch, as a profile fitted it); none in `wall` mode, which measures the serving code itself."""
+    per_request = getattr(cost, "host_per_request", None)
+    return per_request(key) if per_request is not None and not wall else 0.0
 
 
 def _extrapolated(cost, key: str, features, dtype) -> bool:

@@ -9,6 +9,7 @@ with Emulator(gpu("h100"), Roofline(gpu("h100"))) as emu:
 
 from __future__ import annotations
 
+import gc
 import multiprocessing.process
 from collections import Counter
 from typing import Any
@@ -120,6 +121,7 @@ class Emulator:
         self.measure_leak = True  # wall mode: measure `clock.leak` when activated
         # A step after the engine sat idle runs `wake_factor` slower (a profile measures it; cost.IDLE_GAP)
         self.wake = 1.0  # the factor on the ops of the current step
+        self.batch = 1  # requests in the current (or last) engine step: per-request host costs scale with it
         self._wake_factor = float(getattr(cost, "wake_factor", 1.0))
         self._last_step_end: float | None = None
 
@@ -146,6 +148,8 @@ class Emulator:
         meta_kernels.use_native(self._patch)
         if self.clock.wall:
             tensor.set_dispatch(self.dispatch)
+            gc.callbacks.append(self.clock.collecting)
+            self._patch.on_restore(lambda: gc.callbacks.remove(self.clock.collecting))
         else:
             tensor.set_dispatch(self.dispatcher.dispatch, self.dispatcher.torch_dispatch)
         _cuda.install(self, self._patch)
@@ -194,14 +198,15 @@ class Emulator:
     def account(self, sig: Signature) -> None:
         """Advance the clocks for one op and log it."""
         w = self.wake
-        host, start, stream = self.clock.launch(sig.duration * w, sig.host * w)
+        host_cost = (sig.host + sig.per_request * self.batch) * w
+        host, start, stream = self.clock.launch(sig.duration * w, host_cost)
         if self._log_ops:
             self.ops.append(
                 (
                     self.dispatcher.ops,
                     sig.sig_id,
                     host,
-                    sig.host * w,
+                    host_cost,
                     start,
                     sig.duration * w,
                     stream,
@@ -285,6 +290,7 @@ class Emulator:
         self._iteration = len(self.iterations)
         idle = self._last_step_end is not None and now - self._last_step_end > IDLE_GAP
         self.wake = self._wake_factor if idle else 1.0
+        self.batch = batch_size
         if self.ops_mode == "sample":
             self._log_ops = self._iteration % SAMPLE_EVERY == 0
         self._iteration_open = {

@@ -19,6 +19,12 @@ cost plus the serving code that follows it), less the profiler's calibrated cost
 the op's own device time on a synchronous device, less waits for the device; gaps far above their key's
 median are stalls (idle between requests, profiler flushes) and count as the median. Where a timeline twin
 (the same run without the profiler) is given, the profiler's remaining slow-down of the host is divided out.
+On a synchronous device, host time may also grow with the requests in the step (`_host_per_request`).
+
+Wake-up (synchronous devices): the first step after the engine sat idle runs cold. Its ops are fitted at
+their warm times (`_cold`: divided by how much slower the same signatures ran cold than warm), and the
+profile's wake factor (`_wake_factor`) says how much slower such a step runs; the held-out check and the
+emulator apply it.
 """
 
 from __future__ import annotations
@@ -152,6 +158,9 @@ class _Data:
     key_of_sig: np.ndarray  # per signature: its key's index in key_names (integers sort fast)
     step_idle: np.ndarray  # per step: it began after the engine sat idle (IDLE_GAP without a step)
     wake_twin: float  # the timeline twins' wake-up slow-down beyond the profiled runs' (`_wake_twin`)
+    cold: float  # how much slower an op ran in a wake-up step than the same op in a busy one (`_cold`)
+    batch: np.ndarray  # per row: the requests in its engine step (1 outside steps)
+    run: np.ndarray  # per row: its run, as an index
 
 
 # Named steps of the reading query: op rows that ran while serving, their signatures, the engine steps.
@@ -288,6 +297,12 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
         step_host -= np.bincount(step[inside], weights=stalls[inside], minlength=n_steps)
         own = np.maximum(own - np.nan_to_num(before - host), 0.0)
     own[graph] = np.nan
+    step_idle = np.asarray(step_table["idle_before"], dtype=np.float64) > IDLE_GAP
+    cold = _cold(sig, device, step, step_idle, len(keys)) if synchronous else 1.0
+    if (
+        cold != 1.0
+    ):  # the models keep warm times; the profile's wake factor puts the cold back (`_wake_factor`)
+        device[inside & step_idle[np.maximum(step, 0)]] /= cold
     replaying = {run_names[i] for i in np.unique(run_index[graph])} if graph.any() else set()
     scales = _host_scales([r for r in runs if r["run_id"] not in replaying], step_table, step_host, timelines)
     if scales:
@@ -318,8 +333,11 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
         own,
         [str(k) for k in key_names],
         key_of_sig,
-        np.asarray(step_table["idle_before"], dtype=np.float64) > IDLE_GAP,
-        _wake_twin(runs, step_table, timelines) if synchronous else 1.0,
+        step_idle,
+        _wake_twin(runs, step_table, step_host, timelines) if synchronous else 1.0,
+        cold,
+        np.where(inside, np.asarray(step_table["batch_size"], dtype=np.float64)[np.maximum(step, 0)], 1.0),
+        run_index,
     )
 
 
@@ -403,18 +421,20 @@ def _twin_steps(table: pa.Table) -> list[dict[str, np.ndarray]]:
     return runs
 
 
-def _wake_twin(runs: list[dict], steps: dict, timelines: list) -> float:
+def _wake_twin(runs: list[dict], steps: dict, spans: np.ndarray, timelines: list) -> float:
     """How much more a wake-up step (the first after idle) is slowed without the profiler than with it.
 
     The same step (phase, batch, tokens, KV tokens) is found in a run and in its timeline twin; the twin
     over the run, for steps that woke up on both sides, over the same for steps that did not. The
-    profiler's own activity keeps the CPU warmer while the engine waits, so a profiled run shows only part
-    of the wake-up cost (measured on this project's CPU: 1.0-1.27, median 1.14). 1.0 with fewer than 3
-    wake-up steps matched."""
+    profiler's own activity may keep the CPU warmer while the engine waits, so a profiled run could show
+    only part of the wake-up cost. `spans` are the run's step times with the profiler's cost and slow-down
+    taken out: raw spans would count the profiler's smaller share of a (wake-up) prefill than of a (busy)
+    decode step as a wake-up cost (they said 1.11 on small-llama hf-cb where like-for-like says 1.01).
+    1.0 with fewer than 3 wake-up steps matched."""
     woke, busy = [], []
     keys = ("phase", "batch_size", "tokens", "kv_tokens")
     columns = [np.asarray(steps[c]) for c in keys]
-    spans, run_ids = np.asarray(steps["span"]), np.asarray(steps["run_id"])
+    run_ids = np.asarray(steps["run_id"])
     all_idle = np.asarray(steps["idle_before"]) > IDLE_GAP
     for _, rows, table in timelines:
         twins = [r for r in runs if any(_twin_key(r) == _twin_key(row) for row in rows)]
@@ -435,6 +455,29 @@ def _wake_twin(runs: list[dict], steps: dict, timelines: list) -> float:
     if len(woke) < 3 or not busy:
         return 1.0
     return float(np.median(woke) / np.median(busy))
+
+
+def _cold(sig: np.ndarray, device: np.ndarray, step: np.ndarray, idle: np.ndarray, n_sigs: int) -> float:
+    """How much slower an op runs in a wake-up step (the first after idle) than the same op (same
+    signature) in a busy step: their mean times, weighted by the wake-up rows' count; 1.0 with fewer than 3
+    signatures seen both ways.
+
+    On a CPU the first step after idle runs cold (caches, clocks), and shapes seen only in such steps (a
+    prefill's token count) would otherwise be fitted cold, and priced cold again by the wake factor: a
+    profile whose recording idled between prefills then predicts a prefill from a mix of cold and warm
+    neighbours (measured: ops 1.35x slower in wake-up steps of small-llama hf-cb)."""
+    rows = (step >= 0) & (device > 0)
+    woke = rows & idle[np.maximum(step, 0)]
+    counts_woke = np.bincount(sig[woke], minlength=n_sigs)
+    counts_busy = np.bincount(sig[rows & ~woke], minlength=n_sigs)
+    both = (counts_woke > 0) & (counts_busy > 0)
+    if both.sum() < 3:
+        return 1.0
+    mean_woke = np.bincount(sig[woke], weights=device[woke], minlength=n_sigs)[both] / counts_woke[both]
+    busy = rows & ~woke
+    mean_busy = np.bincount(sig[busy], weights=device[busy], minlength=n_sigs)[both] / counts_busy[both]
+    ratio = np.sum(counts_woke[both] * mean_woke) / np.sum(counts_woke[both] * mean_busy)
+    return float(np.clip(ratio, 1.0, 3.0))
 
 
 def _step_kinds(phases, tokens, kv_tokens) -> np.ndarray:
@@ -852,12 +895,21 @@ def _host_models(data: _Data, rows: np.ndarray) -> list[OpModel]:
                 if target == "host" and synchronous
                 else {}
             )
+            per_request = (
+                _host_per_request(data, np.flatnonzero(ok)[mine], host[mine], keys[mine], slopes)
+                if target == "host" and synchronous
+                else {}
+            )
             for k in np.flatnonzero(counts >= (_MIN_HOST_ROWS if engine else 1)):
                 share = float(positive[k]) / max(total, 1e-30)
                 model = _host_model(
                     target, names[k], float(sums[k] / counts[k]), int(counts[k]), share, engine
                 )
-                if k in slopes:
+                if k in per_request:
+                    model = _with(
+                        model, form="linear", features=("1", "device", "batch"), coefficients=per_request[k]
+                    )
+                elif k in slopes:
                     model = _with(
                         model, form="linear(device)", features=("1", "device"), coefficients=slopes[k]
                     )
@@ -896,6 +948,40 @@ def _host_slopes(data: _Data, rows: np.ndarray, host: np.ndarray) -> dict[int, t
     return slopes
 
 
+def _host_per_request(
+    data: _Data, rows: np.ndarray, host: np.ndarray, keys: np.ndarray, slopes: dict
+) -> dict[int, tuple[float, float, float]]:
+    """Per key index: (seconds, seconds per device second, seconds per request in the step) of host time
+    after an op, for keys whose host time grows with the step's requests: serving code between ops loops
+    over them (measured on small-llama hf-cb: a decode step's host time 0.79 ms at one request, 1.34 ms at
+    six, a constant per op said 0.94-1.05). A least-squares line in the step's requests through the key's
+    host times, less what its device-time slope (`_host_slopes`) accounts for, from the variation within
+    each run (runs of one static batch size differ in much else: prompt lengths, syncs); keys whose
+    batch never varied within a run, or whose time does not grow with it, are left out. Synchronous devices
+    only: on a GPU the time after an op also waits for the device, whose work grows with the batch too
+    (fitted there, `_to_copy` took 35 µs per request and the host error per step went from 15 % to 180 %)."""
+    x = data.batch[rows]
+    n = int(keys.max()) + 1 if keys.size else 0
+    slope_of = np.zeros(n)
+    for k, (_, slope) in slopes.items():
+        slope_of[k] = slope
+    y = host - slope_of[keys] * data.device[rows]
+    group = data.run[rows] * n + keys  # (run, key): lines through deviations from each group's means
+    size = np.bincount(group)
+    dx = x - (np.bincount(group, x) / np.maximum(size, 1))[group]
+    dy = y - (np.bincount(group, y) / np.maximum(size, 1))[group]
+    count = np.bincount(keys, minlength=n)
+    sx, sy = np.bincount(keys, x, n), np.bincount(keys, y, n)
+    sxx, sxy = np.bincount(keys, dx * dx, n), np.bincount(keys, dx * dy, n)
+    fitted = {}
+    for k in np.flatnonzero((count >= _MIN_HOST_ROWS) & (sxx > 1e-9 * np.maximum(count, 1))):
+        per = sxy[k] / sxx[k]
+        if per > 0:
+            intercept = float((sy[k] - per * sx[k]) / count[k])
+            fitted[int(k)] = (max(intercept, 0.0), float(slope_of[k]), float(per))
+    return fitted
+
+
 def _host_model(target: str, key: str, seconds: float, samples: int, share: float, engine: str) -> OpModel:
     return OpModel(
         target=target, key=key, dtype="", form="const", features=("1",), coefficients=(max(seconds, 0.0),),
@@ -924,15 +1010,18 @@ def _host_costs(profile: Profile, data: _Data, predicted: np.ndarray) -> np.ndar
     slope = np.zeros(len(data.sig))
     for code, engine in enumerate(data.engine_names):
         mine = data.engine == code
+        per_request = np.array([profile.host_per_request(k, engine) for k in data.keys])[data.sig[mine]]
         host_cost[mine] = np.array([profile.host_time(k, engine) for k in data.keys])[data.sig[mine]]
+        host_cost[mine] += per_request * data.batch[mine]
         slope[mine] = np.array([profile.host_slope(k, engine) for k in data.keys])[data.sig[mine]]
     return host_cost + predicted * (1.0 + slope) if profile.synchronous else host_cost
 
 
-def _wake_factor(profile: Profile, data: _Data) -> tuple[float, int]:
+def _wake_factor(profile: Profile, data: _Data, steps: np.ndarray | None = None) -> tuple[float, int]:
     """(factor, wake-up steps): how much slower than predicted the first step after idle runs, relative
-    to the other steps, times the twins' share the profiler hid (`_wake_twin`). Synchronous devices only
-    (on a CPU, caches and clocks cool while the engine waits); 1.0 with fewer than 3 wake-up steps."""
+    to the other steps, times the twins' share the profiler hid (`_wake_twin`), over `steps` (a mask; all
+    by default). Synchronous devices only (on a CPU, caches and clocks cool while the engine waits); 1.0
+    with fewer than 3 wake-up steps."""
     if not profile.synchronous:
         return 1.0, 0
     predicted = _predictions(profile, data)[data.sig]
@@ -940,7 +1029,7 @@ def _wake_factor(profile: Profile, data: _Data) -> tuple[float, int]:
     totals = np.bincount(
         data.step[rows], weights=_host_costs(profile, data, predicted)[rows], minlength=data.steps
     )
-    ok = (totals > 0) & (data.step_host > 0)
+    ok = (totals > 0) & (data.step_host > 0) & (steps if steps is not None else True)
     ratio, woke = data.step_host[ok] / totals[ok], data.step_idle[ok]
     if woke.sum() < 3 or (~woke).sum() < 3:
         return 1.0, int(woke.sum())
@@ -949,13 +1038,18 @@ def _wake_factor(profile: Profile, data: _Data) -> tuple[float, int]:
 
 
 def _evaluate(profile: Profile, data: _Data, held: np.ndarray, held_steps: np.ndarray):
-    """Held-out errors: per step (device and host, time-weighted) and per key (per row, relative)."""
+    """Held-out errors: per step (device and host, time-weighted) and per key (per row, relative). Steps
+    are predicted as the emulator prices them: a wake-up step slowed by the profile's wake factor, and
+    measured as recorded (cold)."""
     per_sig = _predictions(profile, data)
     predicted = per_sig[data.sig]
     in_step = held & (data.step >= 0) & ~data.captured
     n = data.steps
-    measured_steps = np.bincount(data.step[in_step], weights=data.device[in_step], minlength=n)
-    predicted_steps = np.bincount(data.step[in_step], weights=predicted[in_step], minlength=n)
+    wake = np.where(data.step_idle, profile.wake_factor, 1.0)
+    cold = np.where(data.step_idle, data.cold, 1.0)  # the models were fitted on warm times (`_cold`)
+    steps_of = data.step[in_step]
+    measured_steps = np.bincount(steps_of, weights=data.device[in_step], minlength=n) * cold
+    predicted_steps = np.bincount(steps_of, weights=predicted[in_step], minlength=n) * wake
     chosen = held_steps & (measured_steps > 0)
     device_error = (
         float(
@@ -967,7 +1061,7 @@ def _evaluate(profile: Profile, data: _Data, held: np.ndarray, held_steps: np.nd
     host_error = None
     host_cost = _host_costs(profile, data, predicted)
     not_graph = held & (data.step >= 0) & ~data.graph
-    predicted_host = np.bincount(data.step[not_graph], weights=host_cost[not_graph], minlength=n)
+    predicted_host = np.bincount(data.step[not_graph], weights=host_cost[not_graph], minlength=n) * wake
     if held_steps.any() and np.sum(data.step_host[held_steps]) > 0:
         host_error = float(
             np.sum(np.abs(predicted_host[held_steps] - data.step_host[held_steps]))
@@ -1017,6 +1111,7 @@ def fit(
     per_key_errors: dict = {}
     if held.any():
         trial = _profile(data, train, progress, seed, traces)
+        trial = replace(trial, wake_factor=_wake_factor(trial, data, ~held_steps)[0])
         device_error, host_error, per_key_errors = _evaluate(trial, data, held, held_steps)
     else:
         notes.append("no steps held out: errors not measured")

@@ -240,9 +240,19 @@ class Profile:
 
     def host_slope(self, key: str, engine: str | None = None) -> float:
         """On a synchronous device: host seconds after the op per second of its device time (bigger ops
-        leave more to free and touch); 0 where the host model is a constant."""
+        leave more to free and touch); 0 where the host model has no such term."""
+        return self._host_term(key, engine, "device")
+
+    def host_per_request(self, key: str, engine: str | None = None) -> float:
+        """Host seconds after the op per request in the engine step (serving code that loops over the
+        batch); 0 where the host model has no such term."""
+        return self._host_term(key, engine, "batch")
+
+    def _host_term(self, key: str, engine: str | None, feature: str) -> float:
         model = self._host_model(self._host_models, key, engine)
-        return model.coefficients[1] if model is not None and len(model.coefficients) > 1 else 0.0
+        if model is None or feature not in model.features:
+            return 0.0
+        return model.coefficients[model.features.index(feature)]
 
     def own_host_time(self, key: str, engine: str | None = None) -> float:
         """Seconds of host time in the op's own call, for `wall` mode, which measures the serving code

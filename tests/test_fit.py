@@ -68,11 +68,16 @@ def _synthetic_trace(
     gap_slope: float = 0.0,
     wake_every: int = 0,
     wake: float = 1.0,
+    woke_sizes=None,
+    batch=lambda step: 1,
+    per_request: float = 0.0,
+    profiler_us: float = 0.0,
 ) -> None:
     """A trace of `aten::add` rows, device time `law(bytes)` with 3 % noise, 10 ops a step, `gap` seconds
-    (plus `gap_slope` per second of the op) of host time after each; `ops=False` writes the steps only (a
-    `--capture timeline` run). Every `wake_every`-th step follows 50 ms idle and runs `wake` times slower.
-    Each step serves one request."""
+    (plus `gap_slope` per second of the op, plus `per_request` per request in the step) of host time after
+    each; `ops=False` writes the steps only (a `--capture timeline` run). Every `wake_every`-th step follows
+    50 ms idle, runs `wake` times slower and draws its sizes from `woke_sizes` (default: `sizes`). A step
+    serves `batch(step)` requests. `profiler_us` is a calibrated profiler cost after each op."""
     rng = np.random.default_rng(seed)
     with TraceWriter(path, run_id=f"synthetic-{device}-{seed}") as w:
         w.write_run(
@@ -80,7 +85,8 @@ def _synthetic_trace(
                 "source": "recorded", "complete": True, "device_kind": device,
                 "device_name": f"test {device}", "sm_count": 1,
                 "memory_bytes": 2**34, "torch_version": torch.__version__, "engine": "test", "model": "test",
-                "model_config": "{}", "tp": 1, "pp": 1, "workload": "test", "extra": "{}",
+                "model_config": "{}", "tp": 1, "pp": 1, "workload": "test",
+                "extra": json.dumps({"profiler_event_overhead_us": profiler_us} if profiler_us else {}),
             }
         )  # fmt: skip
         t, op_id = 0.0, 0
@@ -88,10 +94,12 @@ def _synthetic_trace(
             woke = wake_every and step and step % wake_every == 0
             t += 0.05 if woke else 1e-4
             start = t
+            requests = batch(step)
             for _ in range(10):
-                n = int(rng.choice(sizes))
+                n = int(rng.choice(woke_sizes if woke and woke_sizes else sizes))
                 d = law(n * 4 * 3) * (1 + 0.03 * rng.standard_normal()) * (wake if woke else 1.0)
-                after = (gap + gap_slope * d) * (wake if woke else 1.0)
+                after = (gap + gap_slope * d + per_request * requests) * (wake if woke else 1.0)
+                after += profiler_us * 1e-6 if ops else 0.0
                 if not ops:
                     t += d + after
                     continue
@@ -110,7 +118,7 @@ def _synthetic_trace(
             w.append_row(
                 "iterations",
                 {
-                    "rank": 0, "iteration_id": step, "phase": "decode", "batch_size": 1, "tokens": 1,
+                    "rank": 0, "iteration_id": step, "phase": "decode", "batch_size": requests, "tokens": 1,
                     "kv_tokens": step + 1, "host_start": start, "host_end": t, "device_start": start,
                     "device_end": t,
                 },
@@ -189,6 +197,38 @@ def test_the_first_step_after_idle_runs_slower_and_the_profile_says_by_how_much(
     assert fit([tmp_path / "b"], holdout=0.0).profile.wake_factor == pytest.approx(1.0, abs=0.03)
 
 
+def test_a_shape_seen_only_after_idle_is_fitted_warm_and_slowed_by_the_wake_factor(tmp_path):
+    # a prefill's token count that only ever came after idle (as on a lightly loaded CPU): fitted at its
+    # measured (cold) time, the emulator's wake factor would slow it a second time
+    def law(nbytes):
+        return 2e-6 + nbytes / 1e10
+
+    common = [1_000, 10_000, 100_000]
+    _synthetic_trace(tmp_path / "a", law, sizes=common, steps=80, wake_every=4, wake=1.5,
+                     woke_sizes=[*common, 1_000_000])  # fmt: skip
+    profile = fit([tmp_path / "a"], holdout=0.0).profile
+    features = {"numel": 1e6, "bytes": 12e6}
+    assert profile.device_time("aten::add", features, torch.float32) == pytest.approx(law(12e6), rel=0.06)
+    assert profile.wake_factor == pytest.approx(1.5, rel=0.05)
+
+
+def test_host_time_that_grows_with_the_steps_requests_is_fitted_per_request(tmp_path):
+    # serving code between ops that loops over the batch: 2 µs per op plus 0.5 µs per request
+    _synthetic_trace(tmp_path / "a", lambda b: 1e-6 + b / 1e10, sizes=[1_000, 100_000], steps=60,
+                     gap=2e-6, per_request=5e-7, batch=lambda step: 1 + step % 8)  # fmt: skip
+    profile = fit([tmp_path / "a"], holdout=0.0).profile
+    assert profile.host_per_request("aten::add") == pytest.approx(5e-7, rel=0.05)
+    assert profile.host_time("aten::add") == pytest.approx(2e-6, rel=0.1)
+    again = Profile.read(profile.write(tmp_path / "p.parquet"))
+    assert again.host_per_request("aten::add") == profile.host_per_request("aten::add")
+    # one batch size throughout: nothing to tell a per-request cost from a constant
+    _synthetic_trace(tmp_path / "b", lambda b: 1e-6 + b / 1e10, sizes=[1_000, 100_000], steps=60,
+                     gap=2e-6, per_request=5e-7, batch=lambda step: 4)  # fmt: skip
+    flat = fit([tmp_path / "b"], holdout=0.0).profile
+    assert flat.host_per_request("aten::add") == 0.0
+    assert flat.host_time("aten::add") == pytest.approx(4e-6, rel=0.1)
+
+
 def test_timeline_twins_add_the_wake_up_cost_the_profiler_hid(tmp_path):
     # profiled, wake-up steps ran 1.2x; the same steps without the profiler 1.8x: the profile takes 1.8
     def law(nbytes):
@@ -199,6 +239,16 @@ def test_timeline_twins_add_the_wake_up_cost_the_profiler_hid(tmp_path):
     _synthetic_trace(tmp_path / "timeline", law, wake=1.8, ops=False, **common)
     profile = fit([tmp_path / "full", tmp_path / "timeline"], holdout=0.0).profile
     assert profile.wake_factor == pytest.approx(1.8, rel=0.05)
+
+
+def test_the_profilers_smaller_share_of_a_big_step_is_not_taken_for_a_wake_up_cost(tmp_path):
+    # no wake-up cost anywhere; the profiler adds 2 µs per op: a third of a busy step of small ops, next to
+    # nothing of the big-op steps that come after idle
+    common = {"sizes": [1_000], "woke_sizes": [1_000_000], "steps": 60, "wake_every": 5, "gap": 1e-6}
+    _synthetic_trace(tmp_path / "full", lambda b: 2e-6 + b / 1e10, profiler_us=2.0, **common)
+    _synthetic_trace(tmp_path / "timeline", lambda b: 2e-6 + b / 1e10, ops=False, **common)
+    profile = fit([tmp_path / "full", tmp_path / "timeline"], holdout=0.0).profile
+    assert profile.wake_factor == pytest.approx(1.0, abs=0.05)
 
 
 # --- profiles as data ---------------------------------------------------------------------------------

@@ -366,6 +366,23 @@ def test_the_first_step_after_the_engine_sat_idle_is_slowed_by_the_profiles_wake
     assert after == pytest.approx(D)
 
 
+def test_host_time_per_request_grows_with_the_requests_in_the_step(emulate):
+    # a profile whose serving code spends 1 µs per request after each op (on top of 10 µs)
+    emu = emulate(host={"aten::mm": 1e-5}, cost_extra={"host_per_request": lambda key: 1e-6})
+    a = torch.empty(64, 64, device="cuda")
+
+    def step(requests: int) -> float:
+        emu.iteration_start("decode", requests, requests, requests)
+        t0 = time.perf_counter()
+        a @ a
+        spent = time.perf_counter() - t0
+        emu.iteration_end()
+        return spent
+
+    assert step(1) == pytest.approx(1.1e-5)
+    assert step(8) == pytest.approx(1.8e-5)
+
+
 def test_on_a_synchronous_device_the_host_waits_out_each_op_and_what_it_leaves_behind(emulate):
     emulate(
         device={"aten::mm": D},
