@@ -2,7 +2,9 @@
 
 1. µs per intercepted op on the cached path (an elementwise add on virtual tensors) against an
    empty dispatch mode (a TorchDispatchMode that returns a ready tensor: the floor of any Python
-   interception) and against the plain CPU op.
+   interception), against a bare wrapper subclass (its `__torch_dispatch__` makes one new wrapper of a
+   fixed shape and does nothing else: the floor of any emulator whose tensors are Python wrapper
+   subclasses, as Revati's are) and against the plain CPU op.
 2. Wall time of a tiny model served by a real engine under emulation against the same engine on
    real CPU tensors (the serving code's own host time plus the tiny model's CPU kernels).
 3. Against a real GPU: the shipped H100 recordings of hf-generate serving Llama-3.1-8B without the
@@ -37,6 +39,22 @@ from revati.workloads import parse_workload
 real_perf_counter = time.perf_counter  # bound before any emulator patches `time`
 
 
+class _Bare(torch.Tensor):
+    """A wrapper subclass whose every op returns a new wrapper like the first argument, computing nothing."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __torch_dispatch__(func, types, args=(), kwargs=None):
+        return _bare_like(args[0])
+
+
+def _bare_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.Tensor._make_wrapper_subclass(
+        _Bare, t.shape, t.stride(), 0, None, t.dtype, torch.strided, t.device
+    )
+
+
 class _EmptyMode(TorchDispatchMode):
     def __init__(self, out):
         super().__init__()
@@ -60,6 +78,8 @@ def op_overhead(n: int) -> dict[str, float]:
     plain = _per_op(lambda: a + a, n)
     with _EmptyMode(a):
         empty = _per_op(lambda: a + a, n)
+    b = _bare_like(a)
+    bare = _per_op(lambda: b + b, n)
     spec = gpu("h100")
     # "sample" (the CLI default) logs the ops of one engine step in twenty, so most ops are not logged.
     with Emulator(spec, Roofline(spec), ops="sample") as emu:
@@ -72,6 +92,7 @@ def op_overhead(n: int) -> dict[str, float]:
     return {
         "plain_cpu_us": plain,
         "empty_mode_us": empty,
+        "bare_subclass_us": bare,
         "cached_us": cached,
         "logged_us": logged,
         "misses": misses,
@@ -137,9 +158,12 @@ def main() -> None:
     print(f"per op, elementwise add (64x128), {args.ops} calls:")
     print(f"  plain CPU op              {o['plain_cpu_us']:7.2f} us")
     print(f"  empty dispatch mode       {o['empty_mode_us']:7.2f} us")
+    print(f"  bare wrapper subclass     {o['bare_subclass_us']:7.2f} us   (dispatch and one new wrapper)")
     print(f"  emulator, cached path     {o['cached_us']:7.2f} us   (signature misses: {o['misses']})")
     print(f"  same, every op logged     {o['logged_us']:7.2f} us   (--ops all)")
     print(f"  ratio cached / empty mode {o['cached_us'] / o['empty_mode_us']:7.2f}x")
+    print(f"  ratio cached / bare       {o['cached_us'] / o['bare_subclass_us']:7.2f}x")
+    extra = (o["bare_subclass_us"] - o["plain_cpu_us"]) * 1e-6  # what a wrapper subclass adds to each op
     for layers in (None, 16):
         e = engine_overhead(args.engine, args.requests, layers)
         name = "tiny-llama" if layers is None else f"tiny-llama with {layers} layers"
@@ -148,6 +172,9 @@ def main() -> None:
         print(f"  emulated (virtual H100)   {e['emulated_s']:7.3f} s   ({e['ops']:,} ops, "
               f"{e['emulated_s'] / max(e['ops'], 1) * 1e6:.1f} us per op all in)")  # fmt: skip
         print(f"  ratio emulated / real     {e['emulated_s'] / e['real_cpu_s']:7.2f}x")
+        # the serving code's own time plus, per op, a bare wrapper subclass's op in place of the CPU op
+        floor = (e["real_cpu_s"] + e["ops"] * extra) / e["real_cpu_s"]
+        print(f"  floor of any wrapper-subclass emulator  {floor:.2f}x   (real + ops x (bare - plain))")
     if args.no_gpu_runs:
         return
     for name in GPU_RUNS:
