@@ -514,30 +514,25 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
             return real_sdpa(
                 query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
             )
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # as both builds turn a boolean mask into an additive one (`convert_boolean_attn_mask`)
+            minus_inf = torch.scalar_tensor(float("-inf"), dtype=query.dtype, device=query.device)
+            attn_mask = torch.where(attn_mask, 0.0, minus_inf)
         if cpu_profile:  # what a CPU build runs: its flash kernel, grouped query heads inside it
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                minus_inf = torch.scalar_tensor(float("-inf"), dtype=query.dtype, device=query.device)
-                attn_mask = torch.where(attn_mask, 0.0, minus_inf)
-            return aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
-            )[0]
+            return cpu_flash(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
         heads, kv_heads = query.shape[-3], key.shape[-3]
         half = query.dtype in (torch.float16, torch.bfloat16)
         if attn_mask is None and half and query.shape[-1] == value.shape[-1] <= 256:
-            return aten._scaled_dot_product_flash_attention(
-                query, key, value, dropout_p, is_causal, scale=scale
-            )[0]
+            return flash(query, key, value, dropout_p, is_causal, scale=scale)[0]
         if heads != kv_heads and enable_gqa:
             key = key.repeat_interleave(heads // kv_heads, dim=-3)
             value = value.repeat_interleave(heads // kv_heads, dim=-3)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                attn_mask.logical_not(), float("-inf")
-            )
-        out = aten._scaled_dot_product_efficient_attention(
-            query, key, value, attn_mask, False, dropout_p, is_causal, scale=scale
-        )
-        return out[0]
+        return efficient(query, key, value, attn_mask, False, dropout_p, is_causal, scale=scale)[0]
+
+    # the overloads themselves: a packet resolves its overload at every call
+    cpu_flash = aten._scaled_dot_product_flash_attention_for_cpu.default
+    flash = aten._scaled_dot_product_flash_attention.default
+    efficient = aten._scaled_dot_product_efficient_attention.default
 
     patch.set(torch.nn.functional, "scaled_dot_product_attention", scaled_dot_product_attention)
     for name in (

@@ -448,6 +448,9 @@ def test_attention_issues_the_kernels_of_the_device_the_profile_was_recorded_on(
     emu = emulate(ops="all")
     gpu = _attention_ops(emu, mask=False)
     assert gpu.count("revati::attention") == 1 and gpu.count("aten::clone") == 2
+    # a boolean mask: one `where` makes it additive, as a CUDA build's sdpa does too
+    masked = _attention_ops(emu, mask=True)
+    assert masked.count("aten::where") == 1 and "aten::masked_fill" not in masked, masked
     emu.deactivate()
     # a recorded CPU (a synchronous profile): its own flash kernel, grouped heads inside it, and a boolean
     # mask turned into an additive one by one `where`, as a CPU build does
