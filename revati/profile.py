@@ -122,9 +122,15 @@ class OpModel:
         return max(y, self.floor)
 
     def interpolate(
-        self, x: float, regression: Callable[[Features], float] | None, features: Features
+        self,
+        x: float,
+        regression: Callable[[Features], float] | None,
+        features: Features,
+        growth: Callable[[Features], float] | None = None,
     ) -> float:
-        """A 'table' model's value at x: linear between knots, the anchored regression beyond them."""
+        """A 'table' model's value at x: linear between knots; beyond them, the edge knot's value carried
+        by how the op grows from there: past the last knot by `growth` (the device's roofline) where given,
+        else by the regression; below the first by the regression."""
         xs, ys = self.knots_x, self.knots_y
         if xs[0] <= x <= xs[-1] and len(xs) > 1:
             i = bisect.bisect_left(xs, x)
@@ -134,16 +140,30 @@ class OpModel:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
         if x == xs[0]:
             return ys[0]
-        if regression is None:
-            return ys[0] if x < xs[0] else ys[-1]
         edge = 0 if x < xs[0] else -1
-        # the op as if at the edge knot: features that grow with the axis (a matmul's flops with m, an
-        # elementwise op's numel with bytes) shrink or grow with it
-        ratio = xs[edge] / x if x > 0 else 1.0
+        at_edge = self._at_edge(xs[edge], x, features)
+        if edge == -1 and growth is not None:
+            # Past the largest shape measured the roofline says how the work grows, from a floor-bound
+            # kernel to a throughput-bound one. A regression over all shapes grows too little there: an
+            # H100 attention power law in the lengths priced a prefill of 2.9x the largest one's flops at
+            # the largest one's 1.0 ms (the H200 measured 2.8 ms).
+            base = growth(at_edge)
+            if base > 0:
+                return ys[edge] * growth(features) / base
+        if regression is None:
+            return ys[edge]
+        anchor, value = regression(at_edge), regression(features)
+        if edge == -1 and value == anchor and x > 0:  # a regression blind to the axis: the work grows
+            return ys[edge] * x / xs[edge]
+        return value * (ys[edge] / anchor if anchor > 0 else 1.0)
+
+    def _at_edge(self, edge: float, x: float, features: Features) -> Features:
+        """The op as if at the edge knot: features that grow with the axis (a matmul's flops with m, an
+        elementwise op's numel with bytes) shrink or grow with it."""
+        ratio = edge / x if x > 0 else 1.0
         at_edge = {name: v * ratio if name in _EXTENSIVE else v for name, v in features.items()}
-        at_edge[self.features[0]] = xs[edge]
-        anchor = regression(at_edge)
-        return regression(features) * (ys[edge] / anchor if anchor > 0 else 1.0)
+        at_edge[self.features[0]] = edge
+        return at_edge
 
     def in_range(self, features: Features) -> bool:
         """Whether every feature of the op lies within the range this model was fitted on (1 % slack)."""
@@ -366,7 +386,9 @@ class Profile:
         if table is None:
             return None
         own = (lambda f: regression.predict(f, family)) if regression.key == key else None
-        return max(table.interpolate(features.get(names[0], 0.0), own, features), 0.0)
+        roofline, torch_dtype = self._roofline, getattr(torch, dtype, None)
+        growth = (lambda f: roofline.device_time(key, f, torch_dtype)) if roofline is not None else None
+        return max(table.interpolate(features.get(names[0], 0.0), own, features, growth), 0.0)
 
     def device_model(self, key: str, dtype: str) -> OpModel | None:
         """The device model fitted for (key, dtype) itself, without fallbacks."""

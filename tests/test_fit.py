@@ -329,6 +329,34 @@ def test_a_table_interpolates_between_knots_and_anchors_the_regression_beyond_th
     # beyond the last knot: the regression's shape, scaled to pass through the knot (40 µs at 64 -> 80 at 128)
     assert table.interpolate(128.0, regression, {"m": 128.0}) == pytest.approx(80e-6)
 
+    # with the device's roofline: how it says the op grows from the edge knot (a floor plus the work)
+    def roofline(f):
+        return 2e-6 + 1e-7 * f["m"]
+
+    assert table.interpolate(128.0, regression, {"m": 128.0}, roofline) == pytest.approx(
+        40e-6 * (2e-6 + 128e-7) / (2e-6 + 64e-7)
+    )
+
+
+def test_past_the_largest_attention_measured_time_grows_with_the_work_not_at_the_edge_value():
+    # a regression in the lengths cannot see the table's axis (flops): anchored at the last knot it would
+    # keep that knot's time however much more work the op does
+    table = _model("table", ("flops", "heads"), (), where=(32.0,), knots_x=(1e9, 1e11), knots_y=(20e-6, 1e-3))
+
+    def regression(f):
+        return 1e-6 * f["q_len"] ** 0.4
+
+    big = {"flops": 3e11, "heads": 32.0, "q_len": 2688.0}
+    assert table.interpolate(3e11, regression, big) == pytest.approx(3e-3)
+    key = "revati::attention"
+    law = _model("power", ("1", "q_len"), (math.log(1e-6), 0.4), key=key)
+    knots = _model("table", ("flops", "heads"), (), key=key, where=(32.0,), knots_x=(1e9, 1e11),
+                   knots_y=(20e-6, 1e-3))  # fmt: skip
+    profile = Profile(models=[law, knots], device={"kind": "h100", "name": "NVIDIA H100 80GB HBM3"})
+    features = big | {"bytes": 4e8}  # compute-bound on an H100: the roofline grows with the flops
+    predicted = profile.device_time(key, features, torch.bfloat16)
+    assert 2.5e-3 < predicted < 3.1e-3
+
 
 # --- cross-hardware -----------------------------------------------------------------------------------
 
