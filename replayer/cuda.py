@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from revati.cost import GRAPH_INSTANTIATE
 from revati.op_features import attention_over
 
 if TYPE_CHECKING:
@@ -160,9 +161,12 @@ class Graph:
         self._emu.clock.begin_capture(self)
 
     def capture_end(self):
-        self._emu.clock.end_capture()
+        emu = self._emu
+        emu.clock.end_capture()
+        # ending the capture instantiates the graph on the host, node by node (cost.GRAPH_INSTANTIATE)
+        emu.clock.advance(getattr(emu.cost, "graph_instantiate", GRAPH_INSTANTIATE) * self.kernels)
         self.captured = True
-        self._emu.graphs_captured += 1
+        emu.graphs_captured += 1
 
     def follow(self, key, features, dtype, duration, lengths, element_size, indptr: int = 0) -> None:
         """A captured kernel reads its sequence lengths from `lengths` (a static buffer; with `indptr` > 0,

@@ -32,6 +32,10 @@ from revati.hardware import GpuSpec
 from revati.op_features import Features, launches_kernel, op_family
 
 IDLE_GAP = 0.01  # seconds between engine steps after which the next step counts as a wake-up (CostModel)
+# Host seconds per kernel node to end a CUDA graph capture (cudaStreamEndCapture, cudaGraphInstantiate):
+# fitted on `traces/h200/cb-graph` (11 ms after each capture of an 8B model's 1,497 kernels); a profile
+# fitted on traces with captures carries its own figure.
+GRAPH_INSTANTIATE = 7.5e-6
 
 
 @runtime_checkable
@@ -43,6 +47,7 @@ class CostModel(Protocol):
     sync_latency: float  # from the stream draining to a blocking host call returning
     synchronous: bool  # the host waits for every op (a CPU): host time per op includes its device time
     # optional `wake_factor`: the first step after IDLE_GAP without one runs this much slower (cold caches)
+    # optional `graph_instantiate`: host seconds per kernel node when a CUDA graph capture ends
 
     def device_time(self, key: str, features: Features, dtype: torch.dtype | None) -> float:
         """Seconds the op's kernels occupy its stream; 0 for an op that launches none."""
@@ -93,6 +98,7 @@ class Roofline:
     launch_latency: float = 5e-6
     sync_latency: float = 4e-6
     synchronous: bool = False
+    graph_instantiate: float = GRAPH_INSTANTIATE
     name: str = field(default="roofline")
 
     def device_time(self, key: str, features: Features, dtype: torch.dtype | None) -> float:

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from revati.cost import Roofline, kernel_floor, peak_flops
+from revati.cost import GRAPH_INSTANTIATE, Roofline, kernel_floor, peak_flops
 from revati.hardware import GpuSpec, gpu
 from revati.op_features import Features, op_family
 
@@ -195,6 +195,7 @@ class Profile:
     launch_latency: float = 5e-6
     sync_latency: float = 4e-6
     wake_factor: float = 1.0  # the first engine step after the device sat idle runs this much slower
+    graph_instantiate: float = GRAPH_INSTANTIATE  # host seconds per kernel node to end a graph capture
     info: dict[str, Any] = field(default_factory=dict)  # traces fitted, headline errors, version of revati
     path: str | None = None
     target_gpu: GpuSpec | None = None  # set by `on`: predictions scaled to this GPU
@@ -412,6 +413,7 @@ class Profile:
             "launch_latency": self.launch_latency,
             "sync_latency": self.sync_latency,
             "wake_factor": self.wake_factor,
+            "graph_instantiate": self.graph_instantiate,
             "info": self.info,
         }
         table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
@@ -465,6 +467,7 @@ class Profile:
             launch_latency=float(meta.get("launch_latency", 5e-6)),
             sync_latency=float(meta.get("sync_latency", 4e-6)),
             wake_factor=float(meta.get("wake_factor", 1.0)),
+            graph_instantiate=float(meta.get("graph_instantiate", GRAPH_INSTANTIATE)),
             info=meta.get("info", {}),
             path=str(path),
         )

@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from revati.cli import app
+from revati.cost import GRAPH_INSTANTIATE
 from revati.fit import FitError, check, fit
 from revati.hardware import gpu
 from revati.profile import OpModel, Profile, ProfileError
@@ -46,6 +47,14 @@ def test_per_op_held_out_errors_are_reported_beside_the_headline(cpu_fit):
     assert top.key == "aten::mm" and top.time_share > 0.3  # a matmul-bound model on a CPU
     assert top.holdout_median is not None and top.holdout_median < 0.3
     assert math.isclose(sum(k.time_share for k in cpu_fit.keys), 1.0, rel_tol=1e-6)
+
+
+def test_graph_instantiation_is_fitted_from_the_time_after_each_capture(tmp_path):
+    # the H200 run captured a graph per new mixed-step shape while serving: 11 ms after each of 1,497 kernels
+    profile = fit([REPO / "traces" / "h200" / "cb-graph"], holdout=0.0).profile
+    assert 5e-6 < profile.graph_instantiate < 10e-6
+    assert Profile.read(profile.write(tmp_path / "p.parquet")).graph_instantiate == profile.graph_instantiate
+    assert fit([H100_TRACE], holdout=0.0).profile.graph_instantiate == GRAPH_INSTANTIATE  # nothing captured
 
 
 def test_gpu_kernels_are_predicted_within_a_few_percent_per_step():
