@@ -1158,6 +1158,11 @@ def fit(
             "host_scales": data.host_scales,
         }
     )
+    if data.instantiate is not None:
+        notes.append(
+            f"graphs captured while serving took {data.instantiate * 1e6:.1f} µs per captured kernel to "
+            "instantiate after the capture: the emulator charges it when a capture ends"
+        )
     if data.host_scales:
         values = sorted(data.host_scales.values())
         notes.append(
