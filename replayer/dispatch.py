@@ -329,9 +329,7 @@ class Dispatcher:
             clock = self.emu.clock
             clock.hold()
             try:
-                duration = self.emu.cost.device_time(key, features, dtype)
-                self._priced(key, dtype, duration)
-                return duration, _host_cost(self.emu.cost, key, duration, clock.wall)
+                return self._costs(key, features, dtype)[:2]
             finally:
                 clock.release()
 
@@ -339,6 +337,13 @@ class Dispatcher:
         self.ops += 1
         self.emu.account(sig)
         return sig
+
+    def _costs(self, key: str, features: dict, dtype) -> tuple[float, float, float]:
+        """An op's (device, host, host per request) seconds from the cost model."""
+        cost, wall = self.emu.cost, self.emu.clock.wall
+        duration = cost.device_time(key, features, dtype)  # 0 for an op that launches no kernel
+        self._priced(key, dtype, duration)
+        return duration, _host_cost(cost, key, duration, wall), _host_per_request(cost, key, wall)
 
     # -- signatures ------------------------------------------------------------------------------
 
@@ -392,9 +397,8 @@ class Dispatcher:
                 outs.append(("new", Meta.of_tensor(m)))
         key, features = op_features(func, margs, mkwargs, mout)
         dtype = op_dtype(margs, mkwargs)
+        duration, host, per_request = self._costs(key, features, dtype)
         cost = self.emu.cost
-        duration = cost.device_time(key, features, dtype)  # 0 for an op that launches no kernel
-        self._priced(key, dtype, duration)
         value_ok = _runs_on_cpu(func) and all(
             o is None or o[0] == "const" or value_allowed(m.dtype, m.numel())
             for o, m in zip(outs, mouts, strict=True)
@@ -403,8 +407,8 @@ class Dispatcher:
         sig = Signature(
             key=key,
             duration=duration,
-            host=_host_cost(cost, key, duration, self.emu.clock.wall),
-            per_request=_host_per_request(cost, key, self.emu.clock.wall),
+            host=host,
+            per_request=per_request,
             outs=outs,
             kind=kind,
             mutated=written,
@@ -539,12 +543,9 @@ class Dispatcher:
         outs = [_wrap_value(self, r, keep=not partial) if isinstance(r, _Tensor) else r for r in reals]
         key, features = op_features(func, _map_tensors(args, meta_of), {}, [meta_of(r) for r in reals])
         dtype = op_dtype(args, kwargs)
-        cost = self.emu.cost
-        duration = cost.device_time(key, features, dtype)
-        self._priced(key, dtype, duration)
+        duration, host, per_request = self._costs(key, features, dtype)
         sig = Signature(
-            key=key, duration=duration, host=_host_cost(cost, key, duration, self.emu.clock.wall),
-            per_request=_host_per_request(cost, key, self.emu.clock.wall),
+            key=key, duration=duration, host=host, per_request=per_request,
             outs=[], kind=None, mutated=(), names=[], value_ok=True, fast=None, fast_view=None,
             input_shapes=[list(t.shape) for t in tensors],
             input_dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors],

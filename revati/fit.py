@@ -159,7 +159,7 @@ class _Data:
     step_idle: np.ndarray  # per step: it began after the engine sat idle (IDLE_GAP without a step)
     wake_twin: float  # the timeline twins' wake-up slow-down beyond the profiled runs' (`_wake_twin`)
     cold: float  # how much slower an op ran in a wake-up step than the same op in a busy one (`_cold`)
-    batch: np.ndarray  # per row: the requests in its engine step (1 outside steps)
+    batch: np.ndarray  # per row: the requests in its engine step (0 outside steps)
     run: np.ndarray  # per row: its run, as an index
     instantiate: float | None  # host seconds per kernel node to end a graph capture (`_instantiate`)
 
@@ -339,7 +339,7 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
         step_idle,
         _wake_twin(runs, step_table, step_host, timelines) if synchronous else 1.0,
         cold,
-        np.where(inside, np.asarray(step_table["batch_size"], dtype=np.float64)[np.maximum(step, 0)], 1.0),
+        np.where(inside, np.asarray(step_table["batch_size"], dtype=np.float64)[np.maximum(step, 0)], 0.0),
         run_index,
         instantiate,
     )
@@ -981,8 +981,10 @@ def _host_per_request(
     over them (measured on small-llama hf-cb: a decode step's host time 0.79 ms at one request, 1.34 ms at
     six, a constant per op said 0.94-1.05). A least-squares line in the step's requests through the key's
     host times, less what its device-time slope (`_host_slopes`) accounts for, from the variation within
-    each run (runs of one static batch size differ in much else: prompt lengths, syncs); keys whose
-    batch never varied within a run, or whose time does not grow with it, are left out. Synchronous devices
+    each run (runs of one static batch size differ in much else: prompt lengths, syncs) and inside engine
+    steps only (outside them the term is 0: the same op there is other code, a `copy_` into an input buffer
+    at 5 µs where one in a step took 58); keys whose batch never varied within a run's steps, or whose time
+    does not grow with it, are left out. Synchronous devices
     only: on a GPU the time after an op also waits for the device, whose work grows with the batch too
     (fitted there, `_to_copy` took 35 µs per request and the host error per step went from 15 % to 180 %)."""
     x = data.batch[rows]
@@ -991,10 +993,11 @@ def _host_per_request(
     for k, (_, slope) in slopes.items():
         slope_of[k] = slope
     y = host - slope_of[keys] * data.device[rows]
-    group = data.run[rows] * n + keys  # (run, key): lines through deviations from each group's means
+    inside = x > 0
+    group = np.where(inside, data.run[rows] * n + keys, -1) + 1  # (run, key) in steps: deviations from means
     size = np.bincount(group)
-    dx = x - (np.bincount(group, x) / np.maximum(size, 1))[group]
-    dy = y - (np.bincount(group, y) / np.maximum(size, 1))[group]
+    dx = np.where(inside, x - (np.bincount(group, x) / np.maximum(size, 1))[group], 0.0)
+    dy = np.where(inside, y - (np.bincount(group, y) / np.maximum(size, 1))[group], 0.0)
     count = np.bincount(keys, minlength=n)
     sx, sy = np.bincount(keys, x, n), np.bincount(keys, y, n)
     sxx, sxy = np.bincount(keys, dx * dx, n), np.bincount(keys, dx * dy, n)

@@ -381,6 +381,9 @@ def test_host_time_per_request_grows_with_the_requests_in_the_step(emulate):
 
     assert step(1) == pytest.approx(1.1e-5)
     assert step(8) == pytest.approx(1.8e-5)
+    t0 = time.perf_counter()
+    a @ a  # between steps: other code (the scheduler's), no per-request term
+    assert time.perf_counter() - t0 == pytest.approx(1e-5)
 
 
 def test_on_a_synchronous_device_the_host_waits_out_each_op_and_what_it_leaves_behind(emulate):

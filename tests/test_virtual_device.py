@@ -471,6 +471,20 @@ def test_attention_issues_the_kernels_of_the_device_the_profile_was_recorded_on(
     assert set(cpu[:-2]) <= {"aten::fill_"}  # the two scalars `where` chooses between, as on a CPU
 
 
+def test_moving_a_host_tensor_to_the_device_is_a_copy_except_where_the_device_is_the_host(emulate):
+    emu = emulate(device={"aten::copy_": 1e-3}, host={"aten::copy_": 1e-5})
+    t0 = time.perf_counter()
+    x = torch.tensor([1, 2, 3]).to("cuda")
+    torch.cuda.synchronize()
+    assert time.perf_counter() - t0 >= 1e-3 and x.tolist() == [1, 2, 3]
+    emu.deactivate()
+    # a CPU profile: a CPU run's `.to(device)` copies nothing, and its recording holds no such op
+    emulate(device={"aten::copy_": 1e-3}, host={"aten::copy_": 1e-5}, cost_extra={"synchronous": True})
+    t0 = time.perf_counter()
+    x = torch.tensor([1, 2, 3]).to("cuda")
+    assert time.perf_counter() - t0 < 1e-5 and x.tolist() == [1, 2, 3] and x.device.type == "cuda"
+
+
 def test_a_factory_filled_on_the_device_is_its_own_kernel_not_a_copy(emulate):
     emu = emulate(device={"aten::arange": 2e-6, "aten::copy_": 9e-6}, ops="all")
     before = len(emu.ops)
