@@ -153,7 +153,7 @@ class OpModel:
         if regression is None:
             return ys[edge]
         anchor, value = regression(at_edge), regression(features)
-        if edge == -1 and value == anchor and x > 0:  # a regression blind to the axis: the work grows
+        if edge == -1 and value == anchor and xs[edge] > 0:  # a regression blind to the axis: work grows
             return ys[edge] * x / xs[edge]
         return value * (ys[edge] / anchor if anchor > 0 else 1.0)
 
@@ -175,6 +175,8 @@ class OpModel:
 
 
 _EXTENSIVE = {"flops", "bytes", "numel", "tokens", "rows"}
+# A model fitted on rows without a dtype: a factory's recorded row has no tensor argument (aten::full)
+_UNTYPED = ("unknown", "")
 
 
 def _value(features: Features, name: str) -> float:
@@ -251,7 +253,7 @@ class Profile:
         """Whether the op's device time comes from a model fitted for the op itself (not its family's model,
         not the roofline)."""
         models = self._device_models
-        return (key, _dtype_name(dtype)) in models or (key, "unknown") in models
+        return any((key, d) in models for d in (_dtype_name(dtype), *_UNTYPED))
 
     def host_time(self, key: str, engine: str | None = None) -> float:
         """Seconds of host time to issue the op (less its device time on a synchronous device): as fitted
@@ -362,7 +364,9 @@ class Profile:
 
     def _model(self, key: str, dtype: str) -> tuple[OpModel | None, OpModel | None]:
         models = self._device_models
-        model = models.get((key, dtype)) or models.get((key, "unknown"))
+        model = models.get((key, dtype))
+        for untyped in _UNTYPED if model is None else ():
+            model = model or models.get((key, untyped))
         if op_family(key) == "collective":
             # a collective's time is links, not kernels: its own fitted model, else the family's fitted over
             # recorded collectives, else the roofline's ring / tree (never the pooled compute model)

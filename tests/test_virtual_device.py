@@ -468,7 +468,7 @@ def test_attention_issues_the_kernels_of_the_device_the_profile_was_recorded_on(
     # mask turned into an additive one by one `where`, as a CPU build does
     cpu = _attention_ops(emulate(ops="all", cost_extra={"synchronous": True}), mask=True)
     assert cpu[-2:] == ["aten::where", "revati::attention"], cpu
-    assert set(cpu[:-2]) <= {"aten::fill_"}  # the two scalars `where` chooses between, as on a CPU
+    assert set(cpu[:-2]) == {"aten::scalar_tensor"}  # the -inf `where` chooses, one op as a recording has it
 
 
 def test_moving_a_host_tensor_to_the_device_is_a_copy_except_where_the_device_is_the_host(emulate):
@@ -483,6 +483,19 @@ def test_moving_a_host_tensor_to_the_device_is_a_copy_except_where_the_device_is
     t0 = time.perf_counter()
     x = torch.tensor([1, 2, 3]).to("cuda")
     assert time.perf_counter() - t0 < 1e-5 and x.tolist() == [1, 2, 3] and x.device.type == "cuda"
+
+
+def test_a_filling_factory_is_one_kernel_of_its_own_key_as_recordings_hold_it(emulate):
+    # not the allocation and `fill_` it is made of: a profile prices `full` as `full`
+    emu = emulate(device={"aten::full": 2e-6, "aten::fill_": 9e-6}, ops="all")
+    before = len(emu.ops)
+    x = torch.full((2, 3), 7, device="cuda")
+    big = torch.zeros(1 << 22, device="cuda")  # too big to keep a value: its metadata only
+    rows = emu.ops[before:]
+    assert [emu.dispatcher.signatures[r[1]].key for r in rows] == ["aten::full", "aten::zeros"]
+    assert rows[0][5] == pytest.approx(2e-6)
+    assert x.tolist() == [[7, 7, 7], [7, 7, 7]] and x.device.type == "cuda"
+    assert big.value() is None and big.shape == (1 << 22,)
 
 
 def test_a_factory_filled_on_the_device_is_its_own_kernel_not_a_copy(emulate):
