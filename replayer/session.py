@@ -9,6 +9,7 @@ with Emulator(gpu("h100"), Roofline(gpu("h100"))) as emu:
 
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing.process
 from collections import Counter
@@ -20,13 +21,15 @@ from replayer import cuda as _cuda
 from replayer import distributed, meta_kernels, native, tensor, timewarp
 from replayer.clock import Clock, concrete
 from replayer.dispatch import Dispatcher, Signature
-from replayer.memory import Allocator, Storage
+from replayer.memory import Allocator
 from replayer.oracle import TokenOracle
 from replayer.shims import triton as triton_shim
-from replayer.tensor import Meta, VTensor, make, value_allowed
+from replayer.tensor import VTensor, value_allowed
 from revati.cost import IDLE_GAP, CostModel
 from revati.hardware import GpuSpec
 from revati.op_features import canonical_op
+
+_canonical = functools.cache(canonical_op)  # a filling factory's key, once per overload
 
 # Which ops an emulated trace keeps: every one, those of one engine step in SAMPLE_EVERY, or none
 # (iterations and requests only). A real workload makes millions of ops.
@@ -119,7 +122,6 @@ class Emulator:
         self._iteration: int | None = None
         self._iteration_open: dict | None = None
         self._patch = Patcher()
-        self._filled: dict[tuple, tuple] = {}  # filling factory call -> (its host value or meta tensor, key)
         self.measure_leak = True  # wall mode: measure `clock.leak` when activated
         # A step after the engine sat idle runs `wake_factor` slower (a profile measures it; cost.IDLE_GAP)
         self.wake = 1.0  # the factor on the ops of the current step
@@ -269,11 +271,10 @@ class Emulator:
         )
 
     def filled_on_device(self, host: torch.Tensor, key: str) -> VTensor:
-        """A tensor a factory kernel (`key`: aten::arange, ...) fills on the GPU, its value built on the host
-        (or its metadata only, a meta tensor): one kernel over its elements, as `op_features` prices a factory
-        (no inputs)."""
+        """A tensor a factory kernel (`key`: aten::arange, ...) fills on the GPU, its value built on the host:
+        one kernel over its elements, as `op_features` prices a factory (no inputs)."""
         out = self._laid_out_like(host)
-        if not host.is_meta and value_allowed(host.dtype, host.numel()):
+        if value_allowed(host.dtype, host.numel()):
             out._value, out._vstorage.value = host, True
         nbytes = host.numel() * host.element_size()
         self.outside(
@@ -282,30 +283,14 @@ class Emulator:
         return out
 
     def filling_factory(self, op, args: tuple, kwargs: dict) -> VTensor:
-        """A factory that fills what it allocates (`torch.full`, `zeros`, `ones` on cuda): one kernel of its
-        own key, as a recording holds it, not the allocation and fill it is made of (a CPU profile priced
-        hf-generate's `torch.full` as a `fill_` at 37 µs of host time, against 3 µs recorded for `full`)."""
-        try:
-            call = (op, _frozen(args), _frozen(kwargs))
-            made = self._filled.get(call)
-        except TypeError:  # an unhashable argument: nothing to cache
-            call, made = None, None
-        if made is None:
-            meta = op(*args, **{**kwargs, "device": _META})
-            small = value_allowed(meta.dtype, meta.numel())
-            host = op(*args, **{**kwargs, "device": _HOST}) if small else None
-            features = {"numel": float(meta.numel()), "bytes": float(meta.numel() * meta.element_size())}
-            device = torch.device(kwargs["device"]) if kwargs.get("device") is not None else self.device
-            if device.index is None:
-                device = torch.device("cuda", self.device.index or 0)
-            made = (host, Meta.of_tensor(meta), canonical_op(op), features, device)
-            if call is not None:
-                self._filled[call] = made
-        host, meta, key, features, device = made
-        value = host.clone() if host is not None else None
-        storage = Storage(meta.nbytes, self.allocator, True if host is not None else None)
-        out = make(meta, device, storage, value)
-        self.dispatcher.launch_kernel(key, features)
+        """A factory that fills what it allocates (`torch.full`, `zeros`, `ones` on cuda): built as any
+        factory is (`Dispatcher.factory`), priced as one kernel of its own key, as a recording holds it, not
+        as the allocation and `fill_` it is made of (a CPU profile priced hf-generate's `torch.full` as a
+        `fill_` at 37 µs of host time, against 3 µs recorded for `full`)."""
+        out = self.dispatcher.factory(op, args, kwargs)
+        meta = out._d
+        features = {"numel": float(meta.numel), "bytes": float(meta.numel * meta.dtype.itemsize)}
+        self.dispatcher.launch_kernel(_canonical(op), features)
         return out
 
     # -- engine steps (the Observer protocol of revati.engines) ---------------------------------
@@ -440,17 +425,6 @@ def _register_fallback() -> None:
     _LIBRARY = lib  # must stay alive, or the registration goes with it
 
 
-def _frozen(x):
-    """A call's arguments as a hashable key (lists as tuples)."""
-    if isinstance(x, dict):
-        return tuple((k, _frozen(v)) for k, v in x.items())
-    if isinstance(x, (list, tuple)):
-        return tuple(_frozen(v) for v in x)
-    if isinstance(x, torch.Tensor):
-        raise TypeError("a tensor argument")
-    return x
-
-
 def _price_filling_factories(patch: Patcher) -> None:
     """Factories that fill on cuda run on the active emulator as one kernel each (`filling_factory`)."""
     import warnings
@@ -501,7 +475,6 @@ def _override_cuda_factories(patch: Patcher) -> None:
 
 
 _HOST = torch.device("cpu")
-_META = torch.device("meta")
 
 
 def _builds_on_cuda(device) -> bool:

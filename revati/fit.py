@@ -302,9 +302,8 @@ def _read(paths: Iterable[str | Path], progress: Progress) -> _Data:
     own[graph] = np.nan
     step_idle = np.asarray(step_table["idle_before"], dtype=np.float64) > IDLE_GAP
     cold = _cold(sig, device, step, step_idle, len(keys)) if synchronous else 1.0
-    if (
-        cold != 1.0
-    ):  # the models keep warm times; the profile's wake factor puts the cold back (`_wake_factor`)
+    # the models keep warm times; the profile's wake factor puts the cold back (`_wake_factor`)
+    if cold != 1.0:
         device[inside & step_idle[np.maximum(step, 0)]] /= cold
     replaying = {run_names[i] for i in np.unique(run_index[graph])} if graph.any() else set()
     scales = _host_scales([r for r in runs if r["run_id"] not in replaying], step_table, step_host, timelines)
@@ -493,13 +492,13 @@ def _cold(sig: np.ndarray, device: np.ndarray, step: np.ndarray, idle: np.ndarra
     neighbours (measured: ops 1.35x slower in wake-up steps of small-llama hf-cb)."""
     rows = (step >= 0) & (device > 0)
     woke = rows & idle[np.maximum(step, 0)]
+    busy = rows & ~woke
     counts_woke = np.bincount(sig[woke], minlength=n_sigs)
-    counts_busy = np.bincount(sig[rows & ~woke], minlength=n_sigs)
+    counts_busy = np.bincount(sig[busy], minlength=n_sigs)
     both = (counts_woke > 0) & (counts_busy > 0)
     if both.sum() < 3:
         return 1.0
     mean_woke = np.bincount(sig[woke], weights=device[woke], minlength=n_sigs)[both] / counts_woke[both]
-    busy = rows & ~woke
     mean_busy = np.bincount(sig[busy], weights=device[busy], minlength=n_sigs)[both] / counts_busy[both]
     ratio = np.sum(counts_woke[both] * mean_woke) / np.sum(counts_woke[both] * mean_busy)
     return float(np.clip(ratio, 1.0, 3.0))
@@ -984,9 +983,9 @@ def _host_per_request(
     each run (runs of one static batch size differ in much else: prompt lengths, syncs) and inside engine
     steps only (outside them the term is 0: the same op there is other code, a `copy_` into an input buffer
     at 5 µs where one in a step took 58); keys whose batch never varied within a run's steps, or whose time
-    does not grow with it, are left out. Synchronous devices
-    only: on a GPU the time after an op also waits for the device, whose work grows with the batch too
-    (fitted there, `_to_copy` took 35 µs per request and the host error per step went from 15 % to 180 %)."""
+    does not grow with it, are left out. Synchronous devices only: on a GPU the time after an op also waits
+    for the device, whose work grows with the batch too (fitted there, `_to_copy` took 35 µs per request and
+    the host error per step went from 15 % to 180 %)."""
     x = data.batch[rows]
     n = int(keys.max()) + 1 if keys.size else 0
     slope_of = np.zeros(n)
