@@ -149,7 +149,6 @@ class Emulator:
         native.load()
         _register_fallback()
         _override_cuda_factories(self._patch)
-        _price_filling_factories(self._patch)
         meta_kernels.use_native(self._patch)
         if self.clock.wall:
             tensor.set_dispatch(self.dispatch)
@@ -286,7 +285,10 @@ class Emulator:
         """A factory that fills what it allocates (`torch.full`, `zeros`, `ones` on cuda): built as any
         factory is (`Dispatcher.factory`), priced as one kernel of its own key, as a recording holds it, not
         as the allocation and `fill_` it is made of (a CPU profile priced hf-generate's `torch.full` as a
-        `fill_` at 37 µs of host time, against 3 µs recorded for `full`)."""
+        `fill_` at 37 µs of host time, against 3 µs recorded for `full`). Wall mode: the emulator's time."""
+        return self.outside(self._filled, op, args, kwargs)
+
+    def _filled(self, op, args: tuple, kwargs: dict) -> VTensor:
         out = self.dispatcher.factory(op, args, kwargs)
         meta = out._d
         features = {"numel": float(meta.numel), "bytes": float(meta.numel * meta.dtype.itemsize)}
@@ -425,24 +427,30 @@ def _register_fallback() -> None:
     _LIBRARY = lib  # must stay alive, or the registration goes with it
 
 
-def _price_filling_factories(patch: Patcher) -> None:
-    """Factories that fill on cuda run on the active emulator as one kernel each (`filling_factory`)."""
+def _override_cuda_factories(patch: Patcher) -> None:
+    """CUDA-key kernels of the active emulator for factories: those that fill what they allocate are one
+    priced kernel each (`filling_factory`); on a CUDA build of torch, allocations too, whose real CUDA
+    kernels need a driver (a CPU build sends them to the fallback, `_register_fallback`)."""
     import warnings
 
-    def impl(op):
-        def run(*args, **kwargs):
-            emu = _CURRENT
-            if emu is None:
-                raise RuntimeError(f"{op}: PyTorch is not linked with support for cuda devices")
-            return emu.outside(emu.filling_factory, op, args, kwargs)
+    taken = [(op, "filling_factory") for op in _FILLING]
+    if torch.backends.cuda.is_built():
+        taken += [
+            (op, "factory")
+            for op in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default)
+        ]
 
-        return run
+    def on_emulator(op, method: str):
+        def impl(*args, **kwargs):
+            return getattr(current(), method)(op, args, kwargs)
+
+        return impl
 
     lib = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel": that is the point
-        for op in _FILLING:
-            lib.impl(op, impl(op), "CUDA")
+        for op, method in taken:
+            lib.impl(op, on_emulator(op, method), "CUDA")
     patch.on_restore(lib._destroy)
 
 
@@ -452,26 +460,6 @@ _FILLING = (
     torch.ops.aten.ones.default,
     torch.ops.aten.scalar_tensor.default,
 )
-
-
-def _override_cuda_factories(patch: Patcher) -> None:
-    """On a CUDA build of torch, allocations have real CUDA kernels (which need a driver): take them over."""
-    if not torch.backends.cuda.is_built():
-        return
-    import warnings
-
-    def factory(op):
-        def impl(*args, **kwargs):
-            return current().factory(op, args, kwargs)
-
-        return impl
-
-    lib = torch.library.Library("aten", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": that is the point
-        for op in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default):
-            lib.impl(op, factory(op), "CUDA")
-    patch.on_restore(lib._destroy)
 
 
 _HOST = torch.device("cpu")
