@@ -591,6 +591,25 @@ def test_unbind_split_and_chunk_are_views_that_allocate_nothing(emulate):
     assert parts[1][3].item() == 7 and parts[4][1, 3].item() == 7  # and see its writes
 
 
+def test_a_tensor_sliced_again_and_again_keeps_its_memory_and_no_view_chain(emulate):
+    # SGLang's free-slot list is sliced at every step (`free = free[n:]`). Autograd chains a replay function
+    # onto each view of a view of a tensor subclass, copied whole at each slice: the slices grew slower with
+    # the chain's length (0.9 ms each after 3,000).
+    emulate()
+    base = torch.arange(100, dtype=torch.int64, device="cuda")
+    free = base
+    for _ in range(30):
+        if free._is_view():  # a slice of a slice is no autograd view: there is no chain to grow
+            assert not free[:2]._is_view() and not free[2:]._is_view()
+        taken, free = free[:2], free[2:]
+    assert free.tolist() == list(range(60, 100)) and taken.tolist() == [58, 59]
+    free[1:][0] = -1  # writes through a slice of a slice reach the base's memory
+    with torch.inference_mode():
+        free[2:][0] = -2
+    assert base[61].item() == -1 and base[62].item() == -2 and free[:3].tolist() == [60, -1, -2]
+    assert torch.cuda.memory_allocated() == 1024  # the base alone: slices allocate nothing
+
+
 def test_inference_mode_views_and_writes_of_tensors_made_outside_it(emulate):
     emulate()
     ids = torch.zeros(10, dtype=torch.int32, device="cuda")  # a buffer allocated once, before serving
