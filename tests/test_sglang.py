@@ -100,3 +100,39 @@ def test_a_replayed_decode_graph_prices_attention_over_the_lengths_it_then_holds
     path = profile.write(tmp_path / "attention.parquet")
     tpot = {p: _emulate([Request("r", 0.0, p, 16)], profile=path).metrics.tpot.p50 for p in (16, 1016)}
     assert tpot[1016] - tpot[16] == pytest.approx(2 * 1000e-6, rel=0.15)  # 2 layers, 1,000 keys more
+
+
+def test_sglangs_split_count_kernel_computed_on_the_host_matches_the_kernel_itself():
+    """The host form of `get_num_kv_splits_triton` (replayer/shims/sglang_kernels.py), which SGLang's decode
+    launches every step, against the kernel run in Triton's interpreter on the same random arguments."""
+    from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton as kernel
+
+    from replayer.shims import sglang_kernels  # noqa: F401 - registers the host form
+    from replayer.shims import triton as shim
+
+    g = torch.Generator().manual_seed(0)
+    cases = 0
+    for n in (1, 3, 8, 13):
+        for groups, heads, kv_heads in ((1, 32, 8), (2, 32, 32), (1, 8, 1), (1, 28, 4)):
+            for top in (4, 900, 70_000):
+                seq_lens = torch.randint(1, top, (n,), generator=g, dtype=torch.int32)
+                if n > 1 and cases % 3 == 0:
+                    seq_lens[:] = seq_lens[0]  # an even batch
+                if n == 3 and top == 900:
+                    seq_lens[:] = torch.tensor([80, 100, 90])  # just uneven: 8 x longest = 10 x shortest
+                args = dict(
+                    num_kv_splits_ptr=torch.full((n * groups + 3,), -7, dtype=torch.int32),
+                    seq_lens_ptr=seq_lens, num_seq=n, num_group=groups, num_head=heads,
+                    num_kv_head=kv_heads, max_kv_splits=16, device_core_count=132,
+                    MAX_NUM_SEQ=max(2, 1 << (n - 1).bit_length()),
+                    uneven_batch_ptr=torch.full((1,), 5, dtype=torch.int32) if cases % 2 else None,
+                )  # fmt: skip
+                expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+                shim._interpret(kernel, expected, expected, {}, (1,), [])  # its helpers (tl.cdiv) too
+                got = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+                assert shim._exact["get_num_kv_splits_triton"](got, (1,)) is None
+                for k, v in expected.items():
+                    if isinstance(v, torch.Tensor):
+                        assert torch.equal(got[k], v), f"{k} differs: {got[k].tolist()} != {v.tolist()}"
+                cases += 1
+    assert cases == 48
