@@ -438,7 +438,8 @@ class Clock:
             _notify_all(self._cv)  # a handing-off actor may be waiting for us to block
             self._maybe_jump()
         lock = me.wake
-        pause = _POLL if self.tree is None else _TREE_POLL
+        # In a shared time only a sleeper must look often: another process may move time past its deadline.
+        pause = _TREE_POLL if self.tree is not None and deadline is not None else _POLL
         while True:
             if wait is None:
                 if lock.acquire(timeout=pause):
