@@ -126,22 +126,30 @@ _DEFAULT_DISPATCH = VTensor.__dict__["__torch_dispatch__"]
 
 
 class Meta:
-    """Interned tensor metadata, one object per (shape, stride, offset, dtype): keys hash by identity."""
+    """Interned tensor metadata, one object per (shape, stride, offset, dtype, storage size).
 
-    __slots__ = ("shape", "stride", "offset", "dtype", "nbytes", "numel")
+    An op's cache key holds its tensors' numbers: `n`, one per Meta, or `loose`, one per shape, stride and
+    dtype (the same wherever the tensor starts in its memory). Keys of plain numbers are left alone by the
+    garbage collector's scans, and there is one key per op signature seen, many in a long run."""
+
+    __slots__ = ("shape", "stride", "offset", "dtype", "nbytes", "numel", "n", "loose")
 
     _interned: dict[tuple, Meta] = {}
+    _loose: dict[tuple, int] = {}
 
     def __init__(self, shape, stride, offset, dtype, nbytes):
         self.shape, self.stride, self.offset, self.dtype, self.nbytes = shape, stride, offset, dtype, nbytes
         self.numel = torch.Size(shape).numel()
+        self.n = len(Meta._interned)
+        self.loose = Meta._loose.setdefault((tuple(shape), stride, dtype), len(Meta._loose))
 
     @classmethod
     def of(cls, shape, stride, offset: int, dtype: torch.dtype, nbytes: int) -> Meta:
         key = (tuple(shape), tuple(stride), offset, dtype, nbytes)
         m = cls._interned.get(key)
         if m is None:
-            m = cls._interned[key] = cls(torch.Size(shape), tuple(stride), offset, dtype, nbytes)
+            m = cls(torch.Size(shape), tuple(stride), offset, dtype, nbytes)
+            cls._interned[key] = m
         return m
 
     @classmethod

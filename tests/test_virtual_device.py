@@ -610,6 +610,20 @@ def test_a_tensor_sliced_again_and_again_keeps_its_memory_and_no_view_chain(emul
     assert torch.cuda.memory_allocated() == 1024  # the base alone: slices allocate nothing
 
 
+def test_an_op_on_views_at_other_offsets_reuses_its_signature_unless_it_is_a_view(emulate):
+    # HF's paged cache reads each layer's keys through a view of its own offset in one pool
+    emu = emulate()
+    pool = torch.empty(4, 64, 8, device="cuda")
+    index = torch.tensor([3, 1, 2], device="cuda")
+    layers = list(pool)  # four views, one per offset
+    misses = emu.dispatcher.misses
+    rows = [torch.index_select(layer, 0, index) for layer in layers]
+    assert emu.dispatcher.misses == misses + 1  # one signature for the four layers
+    assert {r.shape for r in rows} == {torch.Size([3, 8])}
+    views = [pool[layer].narrow(0, 1, 2) for layer in range(4)]  # a view's offset follows its input's
+    assert [v.storage_offset() for v in views] == [512 * layer + 8 for layer in range(4)]
+
+
 def test_inference_mode_views_and_writes_of_tensors_made_outside_it(emulate):
     emulate()
     ids = torch.zeros(10, dtype=torch.int32, device="cuda")  # a buffer allocated once, before serving
