@@ -101,6 +101,9 @@ def _arg(ref, args, kwargs, names):
     return kwargs.get(ref)
 
 
+_INDEX_SELECT = aten.index_select.default
+
+
 def _describe(x, parts, tensors, loose: bool = False):
     """Append x's part of a cache key: a tensor's interned metadata (its number; `loose`: its shape's),
     a list's items, a scalar itself."""
@@ -119,8 +122,15 @@ def _describe(x, parts, tensors, loose: bool = False):
 
 
 def _loose_key(func: OpOverload, args: tuple, kwargs: dict) -> tuple:
-    """A call's cache key with each virtual tensor's shape, stride and dtype, not where it starts."""
+    """A call's cache key with each virtual tensor's shape, stride and dtype, not where it starts; for a
+    gather along a dimension, not the source's length along it either (HF's paged cache hands each layer
+    a view of the pool shifted to that layer: as many lengths as layers, one output)."""
     parts: list = [id(func)]
+    if func is _INDEX_SELECT and len(args) > 1 and type(args[0]) is VTensor and type(args[1]) is int:
+        m, dim = args[0]._d, args[1] % max(len(args[0]._d.shape), 1)
+        shape = (*m.shape[:dim], -1, *m.shape[dim + 1 :])
+        parts.append(Meta._loose.setdefault((shape, m.stride, m.dtype), len(Meta._loose)))
+        args = args[1:]
     for a in args:
         _describe(a, parts, [], loose=True)
     for k, v in kwargs.items():

@@ -611,7 +611,7 @@ def test_a_tensor_sliced_again_and_again_keeps_its_memory_and_no_view_chain(emul
 
 
 def test_an_op_on_views_at_other_offsets_reuses_its_signature_unless_it_is_a_view(emulate):
-    # HF's paged cache reads each layer's keys through a view of its own offset in one pool
+    # HF's paged cache reads each layer's keys through a view of the pool shifted to that layer
     emu = emulate()
     pool = torch.empty(4, 64, 8, device="cuda")
     index = torch.tensor([3, 1, 2], device="cuda")
@@ -620,6 +620,15 @@ def test_an_op_on_views_at_other_offsets_reuses_its_signature_unless_it_is_a_vie
     rows = [torch.index_select(layer, 0, index) for layer in layers]
     assert emu.dispatcher.misses == misses + 1  # one signature for the four layers
     assert {r.shape for r in rows} == {torch.Size([3, 8])}
+    shifted = [pool.view(256, 8)[64 * layer :] for layer in range(4)]  # lengths 256, 192, 128, 64
+    misses = emu.dispatcher.misses
+    rows = [torch.index_select(layer, 0, index[:2]) for layer in shifted]
+    assert emu.dispatcher.misses == misses + 2  # the index's slice, then one gather: its source's length
+    assert {r.shape for r in rows} == {torch.Size([2, 8])}  # along the dim makes no difference
+    ids = torch.arange(64, device="cuda").view(16, 4)  # known values: each call computes its own
+    assert [torch.index_select(ids[4 * i :], 0, index[:2])[:, 0].tolist() for i in range(3)] == [
+        [12, 4], [28, 20], [44, 36]
+    ]  # fmt: skip
     views = [pool[layer].narrow(0, 1, 2) for layer in range(4)]  # a view's offset follows its input's
     assert [v.storage_offset() for v in views] == [512 * layer + 8 for layer in range(4)]
 
