@@ -129,7 +129,7 @@ def _loose_key(func: OpOverload, args: tuple, kwargs: dict) -> tuple:
     if func is _INDEX_SELECT and len(args) > 1 and type(args[0]) is VTensor and type(args[1]) is int:
         m, dim = args[0]._d, args[1] % max(len(args[0]._d.shape), 1)
         shape = (*m.shape[:dim], -1, *m.shape[dim + 1 :])
-        parts.append(Meta._loose.setdefault((shape, m.stride, m.dtype), len(Meta._loose)))
+        parts.append(Meta.number(shape, m.stride, m.dtype))
         args = args[1:]
     for a in args:
         _describe(a, parts, [], loose=True)
@@ -209,8 +209,8 @@ class Dispatcher:
                 _SPECIAL_IDS[id(func)] = _python_kernel
                 return _python_kernel(self, func, args, kwargs)
             # Where an op views no argument, what it does depends on its arguments' shapes, not on where
-            # they start in their memory: HF's paged cache reads each layer's keys through a view of its own
-            # offset, a new signature per layer and step otherwise (128 a step, 5 ms, for an 8B model).
+            # they start in their memory (engines hand each layer a view of one pool): its signature is
+            # filed under a key without offsets too (`_loose_key`).
             loose = _loose_key(func, args, kwargs)
             sig = self.loose.get(loose)
             if sig is None:

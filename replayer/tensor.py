@@ -141,7 +141,13 @@ class Meta:
         self.shape, self.stride, self.offset, self.dtype, self.nbytes = shape, stride, offset, dtype, nbytes
         self.numel = torch.Size(shape).numel()
         self.n = len(Meta._interned)
-        self.loose = Meta._loose.setdefault((tuple(shape), stride, dtype), len(Meta._loose))
+        self.loose = Meta.number(tuple(shape), stride, dtype)
+
+    @classmethod
+    def number(cls, shape: tuple, stride: tuple, dtype: torch.dtype) -> int:
+        """The number of a shape, stride and dtype: a tensor's part of a key that leaves out where it starts
+        (a length of -1: any length along that dimension)."""
+        return cls._loose.setdefault((shape, stride, dtype), len(cls._loose))
 
     @classmethod
     def of(cls, shape, stride, offset: int, dtype: torch.dtype, nbytes: int) -> Meta:

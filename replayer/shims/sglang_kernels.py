@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from replayer.shims.triton import exact, priced
+from replayer.shims.triton import exact, flat, priced
 from revati.op_features import attention_of
 
 _DECODE = "sglang.kernels.ops.attention.decode_attention"
@@ -90,13 +90,13 @@ def num_kv_splits(a: dict, grid: tuple) -> None:
     """SGLang's split count per request for decode attention, as its kernel computes it (the float steps in
     float32, as on the GPU)."""
     n, groups = int(a["num_seq"]), int(a["num_group"])
-    seq_lens = a["seq_lens_ptr"].reshape(-1)[:n].to(torch.int64)
+    seq_lens = flat(a["seq_lens_ptr"])[:n].to(torch.int64)
     longest = int(seq_lens.max()) if n else 0
     shortest = int(seq_lens.min()) if n else 0
     if longest * 8 < shortest * 10:
         shortest = longest
     if a["uneven_batch_ptr"] is not None:
-        a["uneven_batch_ptr"].reshape(-1)[0] = int(shortest < longest)
+        flat(a["uneven_batch_ptr"])[0] = int(shortest < longest)
     if not n:
         return
     max_splits = int(a["max_kv_splits"])
@@ -108,5 +108,5 @@ def num_kv_splits(a: dict, grid: tuple) -> None:
     per_seq = heads if kv_group == 1 else _cdiv(heads, min(16, kv_group))
     chunk_2 = _cdiv(longest, min(_cdiv(cores, n * groups * per_seq), max_splits))
     splits = torch.maximum(_cdiv(seq_lens, torch.tensor(chunk_1)), _cdiv(seq_lens, torch.tensor(chunk_2)))
-    out = a["num_kv_splits_ptr"].reshape(-1)
+    out = flat(a["num_kv_splits_ptr"])
     out[: n * groups] = splits.repeat_interleave(groups).to(out.dtype)

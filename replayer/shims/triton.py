@@ -49,6 +49,12 @@ Priced = Callable[[dict], tuple[str, dict, "tuple[VTensor, int, int] | None"]]
 _priced: dict[str, Priced] = {}  # by the kernel's module and name: names like `_fwd_kernel` recur
 
 
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """The memory a Triton pointer to `t` addresses: flat, from `t`'s first element to its storage's end."""
+    n = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+    return t.as_strided((n,), (1,), t.storage_offset())
+
+
 def rule(*kernels: str) -> Callable[[Rule], Rule]:
     """Register what kernels write when their inputs have no values: `@rule("_my_kernel") def f(a, emu)`."""
     return _filed(_rules, kernels)

@@ -5,7 +5,7 @@
   sequence lengths, sampled-token counts, the next input ids, post-sampling bookkeeping, staged writes of
   block tables and sampling parameters) cost it about 30 ms a step, longer than the step they describe on
   an H100. Each function here is its kernel's program body
-  for all programs at once, on the same pointer arithmetic (`_flat`: a pointer argument as the flat memory
+  for all programs at once, on the same pointer arithmetic (`flat`: a pointer argument as the flat memory
   from its first element). tests/test_vllm.py runs each against the kernel itself in the interpreter.
 - The sampler (`@rule`): its logits have no values; the token ids come from the token oracle.
 
@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from replayer.shims.triton import exact, rule
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """The memory a Triton pointer to `t` addresses: flat, from `t`'s first element to its storage's end."""
-    n = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
-    return t.as_strided((n,), (1,), t.storage_offset())
+from replayer.shims.triton import exact, flat, rule
 
 
 def _ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +35,9 @@ def _i64(t: torch.Tensor) -> torch.Tensor:
 @exact("_prepare_pos_seq_lens_kernel")
 def _prepare_pos_seq_lens(a: dict, grid: tuple) -> None:
     n = grid[0] - 1  # the last program zeroes the unused sequence lengths (full CUDA graphs read them)
-    seq_lens, pos = _flat(a["seq_lens_ptr"]), _flat(a["pos_ptr"])
-    computed = _i64(_flat(a["num_computed_tokens_ptr"])[_i64(_flat(a["idx_mapping_ptr"])[:n])])
-    query_start_loc = _i64(_flat(a["query_start_loc_ptr"])[: n + 1])
+    seq_lens, pos = flat(a["seq_lens_ptr"]), flat(a["pos_ptr"])
+    computed = _i64(flat(a["num_computed_tokens_ptr"])[_i64(flat(a["idx_mapping_ptr"])[:n])])
+    query_start_loc = _i64(flat(a["query_start_loc_ptr"])[: n + 1])
     start, query_len = query_start_loc[:-1], query_start_loc[1:] - query_start_loc[:-1]
     seq_lens[:n] = computed + query_len
     seq_lens[n : a["max_num_reqs"]] = 0
@@ -54,71 +48,71 @@ def _prepare_pos_seq_lens(a: dict, grid: tuple) -> None:
 @exact("_get_num_sampled_and_rejected_kernel")
 def _num_sampled_and_rejected(a: dict, grid: tuple) -> None:
     n = grid[0]
-    sampled, rejected = _flat(a["num_sampled_ptr"]), _flat(a["num_rejected_ptr"])
-    state = _i64(_flat(a["idx_mapping_ptr"])[:n])
-    chunked_prefill = _flat(a["seq_lens_ptr"])[:n] < _flat(a["prefill_len_ptr"])[state]
+    sampled, rejected = flat(a["num_sampled_ptr"]), flat(a["num_rejected_ptr"])
+    state = _i64(flat(a["idx_mapping_ptr"])[:n])
+    chunked_prefill = flat(a["seq_lens_ptr"])[:n] < flat(a["prefill_len_ptr"])[state]
     num_sampled = torch.where(chunked_prefill, 0, sampled[:n])
     sampled[:n] = num_sampled
-    cu = _flat(a["cu_num_logits_ptr"])[: n + 1]
+    cu = flat(a["cu_num_logits_ptr"])[: n + 1]
     rejected[:n] = torch.where(chunked_prefill, 0, cu[1:] - cu[:-1] - num_sampled)
 
 
 @exact("_combine_sampled_and_draft_tokens_kernel")
 def _combine_sampled_and_draft_tokens(a: dict, grid: tuple) -> None:
     n, new = grid[0], a["NUM_NEW_SAMPLED_TOKENS"]
-    input_ids, indices = _flat(a["input_ids_ptr"]), _flat(a["logits_indices_ptr"])
-    state = _i64(_flat(a["idx_mapping_ptr"])[:n])
-    cu = _i64(_flat(a["cu_num_logits_ptr"])[: n + 1])
+    input_ids, indices = flat(a["input_ids_ptr"]), flat(a["logits_indices_ptr"])
+    state = _i64(flat(a["idx_mapping_ptr"])[:n])
+    cu = _i64(flat(a["cu_num_logits_ptr"])[: n + 1])
     num_logits = cu[1:] - cu[:-1]
-    query_end = _i64(_flat(a["query_start_loc_ptr"])[1 : n + 1])
+    query_end = _i64(flat(a["query_start_loc_ptr"])[1 : n + 1])
     logits_start = query_end - num_logits
     row, offset = _ragged(num_logits.clamp(max=a["BLOCK_SIZE"]))
     indices[cu[:-1][row] + offset] = (logits_start[row] + offset).to(indices.dtype)
-    seq_len = _i64(_flat(a["seq_lens_ptr"])[:n])
-    prefill_len = _i64(_flat(a["prefill_len_ptr"])[state])
+    seq_len = _i64(flat(a["seq_lens_ptr"])[:n])
+    prefill_len = _i64(flat(a["prefill_len_ptr"])[state])
     decoding = seq_len > prefill_len  # prefill tokens take no sampled or draft token
     if new > 0:
         last = decoding & (seq_len - num_logits >= prefill_len)
-        input_ids[logits_start[last]] = _flat(a["last_sampled_tokens_ptr"])[state[last]].to(input_ids.dtype)
+        input_ids[logits_start[last]] = flat(a["last_sampled_tokens_ptr"])[state[last]].to(input_ids.dtype)
     num_draft = torch.where(decoding, num_logits - new, 0).clamp(max=a["BLOCK_SIZE"])
     row, offset = _ragged(num_draft)
     if len(row):
-        drafts = _flat(a["draft_tokens_ptr"])[state[row] * a["draft_tokens_stride"] + offset]
+        drafts = flat(a["draft_tokens_ptr"])[state[row] * a["draft_tokens_stride"] + offset]
         input_ids[query_end[row] - num_draft[row] + offset] = drafts.to(input_ids.dtype)
 
 
 @exact("_post_update_kernel")
 def _post_update(a: dict, grid: tuple) -> None:
     n = grid[0]
-    state = _i64(_flat(a["idx_mapping_ptr"])[:n])
+    state = _i64(flat(a["idx_mapping_ptr"])[:n])
     live = state >= 0  # negative entries: rows to skip
     b, state = torch.arange(n)[live], state[live]
-    total_len, last_sampled = _flat(a["total_len_ptr"]), _flat(a["last_sampled_tokens_ptr"])
+    total_len, last_sampled = flat(a["total_len_ptr"]), flat(a["last_sampled_tokens_ptr"])
     total = _i64(total_len[state])
-    num_sampled = _i64(_flat(a["num_sampled_ptr"])[b])
-    sampled = _flat(a["sampled_tokens_ptr"])
+    num_sampled = _i64(flat(a["num_sampled_ptr"])[b])
+    sampled = flat(a["sampled_tokens_ptr"])
     stride = a["sampled_tokens_stride"]
     some = num_sampled > 0
     last_sampled[state[some]] = sampled[b[some] * stride + num_sampled[some] - 1].to(last_sampled.dtype)
     total_len[state[some]] = (total + num_sampled)[some].to(total_len.dtype)
     row, offset = _ragged(num_sampled)
     tokens = sampled[b[row] * stride + offset]
-    all_ids = _flat(a["all_token_ids_ptr"])
+    all_ids = flat(a["all_token_ids_ptr"])
     all_ids[state[row] * a["all_token_ids_stride"] + total[row] + offset] = tokens.to(all_ids.dtype)
     counts = a["output_bin_counts_ptr"]
     if counts is not None:  # known (small vocabularies): count each sampled token
-        flat = _flat(counts)
-        flat.index_put_(
+        bins = flat(counts)
+        bins.index_put_(
             (state[row] * a["output_bin_counts_stride"] + _i64(tokens),),
-            torch.ones_like(flat[:1]).expand(len(row)),
+            torch.ones_like(bins[:1]).expand(len(row)),
             accumulate=True,
         )
     query_len = torch.zeros_like(b)
     if a["query_start_loc_ptr"] is not None:
-        query_start_loc = _i64(_flat(a["query_start_loc_ptr"]))
+        query_start_loc = _i64(flat(a["query_start_loc_ptr"]))
         query_len = query_start_loc[b + 1] - query_start_loc[b]
-    computed = _flat(a["num_computed_tokens_ptr"])
-    delta = query_len - _i64(_flat(a["num_rejected_ptr"])[b])
+    computed = flat(a["num_computed_tokens_ptr"])
+    delta = query_len - _i64(flat(a["num_rejected_ptr"])[b])
     computed[state] = (_i64(computed[state]) + delta).to(computed.dtype)
 
 
@@ -130,13 +124,13 @@ def _apply_write(a: dict, grid: tuple):
     if a["MULTI_GROUP"]:
         return NotImplemented
     n = grid[0]
-    out = _flat(a["output_ptr"])
-    cu_end = _i64(_flat(a["write_cu_lens_ptr"])[:n])
+    out = flat(a["output_ptr"])
+    cu_end = _i64(flat(a["write_cu_lens_ptr"])[:n])
     cu_start = torch.cat([cu_end.new_zeros(1), cu_end[:-1]])
     row, offset = _ragged(cu_end - cu_start)
-    rows = _i64(_flat(a["write_indices_ptr"])[:n])
-    starts = _i64(_flat(a["write_starts_ptr"])[:n])
-    contents = _flat(a["write_contents_ptr"])[cu_start[row] + offset]
+    rows = _i64(flat(a["write_indices_ptr"])[:n])
+    starts = _i64(flat(a["write_starts_ptr"])[:n])
+    contents = flat(a["write_contents_ptr"])[cu_start[row] + offset]
     out[rows[row] * a["output_stride"] + starts[row] + offset] = contents.to(out.dtype)
     return None
 
