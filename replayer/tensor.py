@@ -8,6 +8,7 @@ tables). Everything else is metadata computed once per op signature on the meta 
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -136,11 +137,12 @@ class Meta:
 
     _interned: dict[tuple, Meta] = {}
     _loose: dict[tuple, int] = {}
+    _numbers = itertools.count()
 
     def __init__(self, shape, stride, offset, dtype, nbytes):
         self.shape, self.stride, self.offset, self.dtype, self.nbytes = shape, stride, offset, dtype, nbytes
         self.numel = torch.Size(shape).numel()
-        self.n = len(Meta._interned)
+        self.n = next(Meta._numbers)
         self.loose = Meta.number(tuple(shape), stride, dtype)
 
     @classmethod
