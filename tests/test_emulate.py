@@ -40,26 +40,14 @@ def test_every_request_gets_exactly_its_output_length(engine):
     assert result.synthesized.get("aten::argmax", 0) > 0  # token ids came from the oracle
 
 
-@pytest.mark.parametrize("engine", ["hf-generate", "hf-cb"])
+@pytest.mark.parametrize("engine", ["hf-generate", "hf-cb", "hf-serve"])
 def test_deterministic_mode_is_bit_identical_across_runs(engine):
+    # hf-serve too: its load generator reads each token over loopback the moment the server writes it
+    # (tests/test_engines.py: no Nagle delay on the server's connections)
     work = parse_workload("poisson:rate=10,n=5,prompt=uniform(8,32),output=uniform(2,8),seed=1")
     first, second = _run(engine, work), _run(engine, work)
     assert [r.token_times for r in first.results] == [r.token_times for r in second.results]
     assert first.metrics.to_dict() == second.metrics.to_dict()
-
-
-def test_deterministic_hf_serve_agrees_to_a_decode_step_across_runs():
-    # The HTTP client stamps a token when it reads the stream; two tokens read in one go get one time, and
-    # whether they arrive together depends on real thread scheduling (seen in 2 of ~10 full test runs).
-    work = parse_workload("poisson:rate=10,n=5,prompt=uniform(8,32),output=uniform(2,8),seed=1")
-    first, second = _run("hf-serve", work), _run("hf-serve", work)
-    step = min(
-        b - a for r in first.results for a, b in zip(r.token_times, r.token_times[1:], strict=False) if b > a
-    )
-    for a, b in zip(first.results, second.results, strict=True):
-        assert a.request_id == b.request_id and len(a.token_times) == len(b.token_times)
-        assert max(abs(x - y) for x, y in zip(a.token_times, b.token_times, strict=True)) <= 1.01 * step
-    assert first.metrics.e2e.p50 == pytest.approx(second.metrics.e2e.p50, abs=1.01 * step)
 
 
 @pytest.mark.parametrize("engine", ["hf-generate", "hf-cb"])

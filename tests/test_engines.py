@@ -134,3 +134,28 @@ def test_prompt_ids_are_deterministic_and_avoid_special_tokens(model):
     assert ids != prompt_ids(Request("r8", 0.0, 300, 1), model.config)
     assert len(ids) == 300 and all(0 <= i < 512 for i in ids)
     assert {model.config.bos_token_id, model.config.eos_token_id}.isdisjoint(ids)
+
+
+def test_a_served_engines_connections_send_small_writes_at_once():
+    # asyncio turns Nagle's algorithm off only on TCP connections whose socket names its protocol: with it
+    # on, the server's next small SSE write waited for the client's delayed ACK (~40 ms of real time), and the
+    # load generator read a token late (a deterministic hf-serve run then disagreed with itself now and then).
+    import asyncio
+    import socket
+
+    from revati.engines.http import loopback_socket
+
+    listening = loopback_socket()
+
+    async def accepted_socket():
+        accepted = asyncio.get_running_loop().create_future()
+        server = await asyncio.start_server(lambda r, w: accepted.set_result(w), sock=listening)
+        _, writer = await asyncio.open_connection(*listening.getsockname())
+        served = await accepted
+        nodelay = served.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        for w in (writer, served):
+            w.close()
+        server.close()
+        return nodelay
+
+    assert asyncio.run(accepted_socket()) == 1

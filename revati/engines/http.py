@@ -13,8 +13,13 @@ from collections.abc import AsyncIterator
 
 
 def loopback_socket() -> socket.socket:
-    """A listening address on 127.0.0.1, bound to a free port and held from now on (no race with others)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A listening address on 127.0.0.1, bound to a free port and held from now on (no race with others).
+
+    Made with its protocol named, as asyncio makes the sockets of a server it binds itself: asyncio turns
+    Nagle's algorithm off (TCP_NODELAY) only on connections whose protocol is IPPROTO_TCP, and with it on, a
+    small SSE write waited for the client's delayed ACK (~40 ms of real time): the load generator then read
+    a token late or two tokens in one go, and a `deterministic` run's token times depended on it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
