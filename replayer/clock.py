@@ -475,10 +475,18 @@ class Clock:
                     st.local = self._time_of(me) if me is not None else self.now
                     if self.tree is not None:
                         self.tree.busy()
-                    if me is not None and me.actor and st is not me:
+                    if me is None or st is me:
+                        continue
+                    if me.actor:
                         # An actor woke it (a token handed to a server loop): the woken thread runs at
                         # this virtual time, before the actor's next launch moves the clock on.
                         me.woken.append(st)
+                    elif me not in st.woken:
+                        # An observer woke it (a request handed to an engine's worker): the observer does
+                        # what it does at this instant before the woken thread's next launch moves the
+                        # clock on (a server loop still answering the request when its first token comes
+                        # would read that token at the request's arrival).
+                        st.woken.append(me)
 
     def _wake(self, st: _Thread, timed_out: bool) -> None:
         if not st.blocked:

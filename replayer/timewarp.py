@@ -300,7 +300,7 @@ class _VirtualSelector(selectors.BaseSelector):
         lock.acquire()
         self.wake = lock
         try:
-            clock.block(deadline, lock, poll=lambda: bool(self._sel.select(0)))
+            clock.block(deadline, lock, wait=lambda seconds: bool(self._sel.select(seconds)))
         finally:
             self.wake = None
         return self._sel.select(0)

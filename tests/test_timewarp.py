@@ -330,6 +330,36 @@ def test_an_observer_reads_the_instant_it_was_woken_however_long_it_really_runs(
     assert [s - t0 for s in seen] == [1.0, 1.0, 1.5]
 
 
+def test_an_engine_woken_by_an_observer_moves_time_on_only_once_the_observer_waits_again(emulate):
+    # A server loop (an observer) hands a request to the engine's worker and goes on answering it, in real
+    # time. The worker's step may not move the clock on meanwhile: the token it hands back would find the
+    # loop busy, and the loop would read it at the request's arrival, before the step that made it ended.
+    emulate(device={"aten::mm": D})
+    _mm()  # its signature is cached: the engine's step is quick in real time
+    request, token = threading.Event(), threading.Event()
+    seen = {}
+
+    def engine():
+        request.wait()
+        _mm()
+        torch.cuda.synchronize()
+        seen["handed"] = time.monotonic()
+        token.set()
+
+    def server():
+        time.sleep(1.0)
+        seen["arrived"] = time.monotonic()
+        request.set()
+        busy_until = _real_perf_counter() + 0.05
+        while _real_perf_counter() < busy_until:  # still answering the request: real work, no virtual time
+            pass
+        token.wait()
+        seen["read"] = time.monotonic()
+
+    _run(engine, server)
+    assert seen["read"] == seen["handed"] == pytest.approx(seen["arrived"] + D, abs=1e-9)
+
+
 def test_wall_mode_counts_the_serving_codes_time_between_ops_not_the_emulators(emulate):
     emu = emulate(host_time="wall")
     # measured at activation: torch's subclass dispatch around the emulator's handler, per op
