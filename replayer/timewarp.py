@@ -11,6 +11,7 @@ virtual time.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import multiprocessing.connection
 import os
@@ -186,6 +187,19 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(asyncio, "set_event_loop_policy", set_event_loop_policy)
     patch.set(asyncio.events, "set_event_loop_policy", set_event_loop_policy)
 
+    # Loops made without the policy get virtual ones too: uvicorn's `Server.run` makes its own from a loop
+    # factory, `asyncio.SelectorEventLoop` itself, or uvloop's where uvloop is installed (`transformers serve`
+    # runs uvicorn so).
+    class SelectorLoop(VirtualLoop):
+        def __init__(self, selector=None):
+            super().__init__(emu)
+
+    patch.set(asyncio, "SelectorEventLoop", SelectorLoop)
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        patch.set(uvloop, "new_event_loop", SelectorLoop)
+
 
 class _Loopback:
     """Bytes sent over loopback sockets and not yet received: a server and its load generator in this
@@ -230,16 +244,29 @@ def _install_loopback_accounting(patch: Patcher) -> None:
     real_send, real_sendall = socket.socket.send, socket.socket.sendall
     real_recv, real_recv_into = socket.socket.recv, socket.socket.recv_into
 
+    # Bytes are counted before they are sent: a reader in another thread may take them before send returns.
     def send(self, data, *args):
-        n = real_send(self, data, *args)
-        if n and _Loopback.counts(self):
-            _Loopback.add(n)
+        if not _Loopback.counts(self):
+            return real_send(self, data, *args)
+        size = memoryview(data).nbytes
+        _Loopback.add(size)
+        n = 0
+        try:
+            n = real_send(self, data, *args)
+        finally:
+            _Loopback.add(n - size)
         return n
 
     def sendall(self, data, *args):
-        real_sendall(self, data, *args)
-        if _Loopback.counts(self):
-            _Loopback.add(len(data))
+        if not _Loopback.counts(self):
+            return real_sendall(self, data, *args)
+        size = memoryview(data).nbytes
+        _Loopback.add(size)
+        try:
+            real_sendall(self, data, *args)
+        except BaseException:
+            _Loopback.add(-size)
+            raise
 
     def recv(self, *args):
         data = real_recv(self, *args)

@@ -426,3 +426,32 @@ def test_on_a_synchronous_device_the_host_waits_out_each_op_and_what_it_leaves_b
     t0 = time.perf_counter()
     a @ a
     assert time.perf_counter() - t0 == pytest.approx(1e-5 + D * 1.25)
+
+
+def test_loopback_bytes_read_by_another_thread_before_the_send_returns_are_not_left_in_flight(emulate):
+    # A server and its load generator on loops of their own (transformers serve 5.25 runs uvicorn in its own
+    # thread): the reader may take the bytes before the sender's send returns. Counted after sending, those
+    # bytes stayed "in flight" for good, and every idle loop then waited 50 ms of real time for them.
+    import socket
+
+    from replayer.timewarp import _Loopback
+
+    emulate()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    rounds, size = 300, 64
+
+    def reader():
+        got = 0
+        while got < rounds * size:
+            got += len(server.recv(65536))
+
+    def writer():
+        for _ in range(rounds):
+            client.sendall(b"x" * size)
+
+    _run(reader, writer)
+    for s in (server, client, listener):
+        s.close()
+    assert _Loopback.in_flight == 0
