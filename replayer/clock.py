@@ -13,6 +13,7 @@ which is what makes `deterministic` runs bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
@@ -120,11 +121,15 @@ class Clock:
         self._seq = itertools.count()
         self.pending: dict[int, Pending] = {}  # streams behind a collective that other ranks decide
         self._held = 0  # threads inside slow emulator work (see `hold`)
+        self._sending = 0  # threads waiting for a message of theirs to be taken (see `sending`)
         self._starting = 0  # threads being started: not registered yet, but about to run
         self.tree = None  # replayer.tree.Tree: the time shared with an engine's other processes
         self._tree_seen = (-1, 0.0)  # the tree's change count and the real time at our last decision
         self.worked = False  # some thread launched device work
         self.captures = 0  # threads capturing a CUDA graph now
+        # In a shared time: (t) -> None, called when an actor's host waits for the device (host time t then),
+        # for the other processes to catch up to t meanwhile (replayer.pipes).
+        self.synced = None
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -231,7 +236,11 @@ class Clock:
 
     def advance_to(self, t: float) -> None:
         with self._cv:
-            self._advance_locked(t, self._me())
+            me = self._me()
+            self._advance_locked(t, me)
+            now = self.now
+        if me.actor and self.synced is not None:
+            self.synced(now)
 
     def _advance_locked(self, target: float, me: _Thread) -> None:
         # Sleepers whose deadline falls before the target run first, each until it blocks again.
@@ -250,6 +259,16 @@ class Clock:
         woken, me.woken = me.woken, []
         for st in woken:
             self._await_block(st)
+
+    def state(self) -> _Thread:
+        """The calling thread's state, for `await_block`."""
+        with self._cv:
+            return self._me()
+
+    def await_block(self, other: _Thread) -> None:
+        """Wait (real time) until `other` waits again, or has been silent for a while."""
+        with self._cv:
+            self._await_block(other)
 
     def _await_block(self, other: _Thread) -> None:
         while not other.blocked and other.thread.is_alive():
@@ -272,6 +291,8 @@ class Clock:
                 me = self._me()
             if me.woken:
                 self._let_woken_run(me)
+            while self._sending:
+                _real_wait(self._cv, _POLL)
             me.actor = True
             self.worked = True
             me.last_contact = _real_monotonic()  # a launching actor is busy, not stalled (_ACTOR_GRACE)
@@ -512,6 +533,22 @@ class Clock:
         with self._lock:
             self._held -= 1
             self._me().last_contact = _real_monotonic()
+
+    @contextlib.contextmanager
+    def sending(self):
+        """The calling thread waits (real time) until a message it sent is taken: meanwhile no device work is
+        launched and time does not jump, as if the process sent it from the thread that launches."""
+        with self._cv:
+            self._held += 1
+            self._sending += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._held -= 1
+                self._sending -= 1
+                self._me().last_contact = _real_monotonic()
+                _notify_all(self._cv)
 
     def observe(self, t: float) -> None:
         """Another process made instant `t` visible to this one (a message it sent)."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from replayer import cuda as _cuda
-from replayer import distributed, meta_kernels, native, tensor, timewarp
+from replayer import distributed, meta_kernels, native, pipes, sockets, tensor, timewarp
 from replayer.clock import Clock, concrete
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
@@ -164,13 +164,12 @@ class Emulator:
         self.active = True
 
     def share_time(self, tree) -> None:
-        """Share virtual time with an engine's other processes (replayer.tree), counting the ZeroMQ messages
-        between them (replayer.sockets); undone by `deactivate`."""
-        from replayer import sockets
-
+        """Share virtual time with an engine's other processes (replayer.tree), counting the ZeroMQ and pipe
+        messages between them (replayer.sockets, replayer.pipes); undone by `deactivate`."""
         self.clock.tree = tree
         self.clock.observe(tree.now())
         sockets.install(self, tree, self._patch)
+        pipes.install(self, tree, self._patch)
         self._patch.on_restore(lambda: setattr(self.clock, "tree", None))
         real_start = multiprocessing.process.BaseProcess.start
 
