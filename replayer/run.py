@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from replayer import distributed, sglang, vllm, workers
+from replayer import distributed, hf_serve, sglang, vllm, workers
 from replayer.session import Emulator
 from revati.cost import CostModel
 from revati.hardware import GpuSpec
@@ -31,7 +31,13 @@ _real_perf_counter = time.perf_counter
 
 
 # What each engine that runs in processes of its own needs, applied around its run.
-_OWN_PROCESSES = {"sglang": sglang, "sglang-serve": sglang, "vllm": vllm, "vllm-serve": vllm}
+_OWN_PROCESSES = {
+    "sglang": sglang,
+    "sglang-serve": sglang,
+    "vllm": vllm,
+    "vllm-serve": vllm,
+    "hf-serve": hf_serve,
+}
 
 
 @dataclass

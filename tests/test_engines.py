@@ -71,7 +71,7 @@ def test_every_request_gets_all_its_tokens_after_it_arrives(model, engine):
             assert tokens == batch_size  # one new token per sequence
 
 
-@pytest.mark.parametrize("engine", ["hf-cb", "hf-serve"])
+@pytest.mark.parametrize("engine", [e for e in ("hf-cb", "hf-serve") if e not in OWN_MODEL])
 def test_continuous_batching_computes_each_token_once(model, engine):
     # every prompt token is prefilled once and every output token but the last is fed back once
     requests = staggered_requests()
@@ -79,6 +79,26 @@ def test_continuous_batching_computes_each_token_once(model, engine):
     run_engine(engine, model, requests, observer=steps, **OPTIONS[engine])
     expected = sum(r.prompt_tokens + r.output_tokens - 1 for r in requests)
     assert sum(tokens for _, _, tokens, _ in steps.steps) == expected
+
+
+@pytest.mark.skipif("hf-serve" not in OWN_MODEL, reason="this transformers serves hf-serve's model here")
+def test_a_server_whose_model_has_a_process_of_its_own_serves_every_token_after_arrival():
+    # transformers serve 5.25+: the model is built from its config in the process the server spawns (real CPU
+    # here), and tokens come back through its queues
+    requests = staggered_requests()
+    results = run_engine("hf-serve", load_config("tiny-llama"), requests, dtype="float32", **CB_OPTIONS)
+
+    for request, result in zip(requests, results, strict=True):
+        assert len(result.token_times) == request.output_tokens
+        assert result.token_times == sorted(result.token_times)
+        assert result.token_times[0] > request.arrival
+    assert results[0].token_times[-1] < results[-1].token_times[-1]
+
+
+@pytest.mark.skipif("hf-serve" not in OWN_MODEL, reason="this transformers serves hf-serve's model here")
+def test_a_server_whose_model_has_a_process_of_its_own_is_given_a_config_not_a_model(model):
+    with pytest.raises(ValueError, match="hf-serve.*config"):
+        run_engine("hf-serve", model, staggered_requests(), **CB_OPTIONS)
 
 
 def test_generate_runs_static_batches_of_arrived_requests(model):

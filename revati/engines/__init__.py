@@ -33,7 +33,9 @@ ENGINES: dict[str, Callable[..., list[RequestResult]]] = {
     "vllm-serve": vllm.serve,
 }
 # Engines that build the model themselves, in a process of their own: they take the model's config.
-OWN_MODEL = {"sglang", "sglang-serve", "vllm", "vllm-serve"}
+OWN_MODEL = {"sglang", "sglang-serve", "vllm", "vllm-serve"} | (
+    {"hf-serve"} if hf_serve.model_in_own_process() else set()
+)
 
 _COMMON = {"model", "requests", "observer", "on_result"}
 
