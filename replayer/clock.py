@@ -128,7 +128,7 @@ class Clock:
         self.worked = False  # some thread launched device work
         self.captures = 0  # threads capturing a CUDA graph now
         # In a shared time: (t) -> None, called when an actor's host waits for the device (host time t then),
-        # for the other processes to catch up to t meanwhile (replayer.pipes).
+        # for the other processes to catch up to t meanwhile (Tree.catch_up).
         self.synced = None
 
     # -- threads -------------------------------------------------------------------------------

@@ -9,10 +9,8 @@ send until the others are quiet, as over ZeroMQ (replayer.sockets).
 A channel is a pipe, named by its inode, which both processes see. Duplex connections (socket pairs) pass
 through untouched.
 
-A device-owning process also lets the others catch up whenever its host waits for the device (`catch_up`):
-what they do by then (a front end sending a request that arrived during the step) reaches the threads of
-this process blocked reading a pipe, and those hand it on (a request to the engine's worker) before the host
-goes on, as on a GPU, where the host would have been waiting for the step meanwhile.
+The threads blocked reading a pipe are noted for `Tree.catch_up`, which hands them what the other processes
+sent while a device-owning process's host waited for its device.
 """
 
 from __future__ import annotations
@@ -64,15 +62,14 @@ class _Feed:
     sent: int = 0
 
 
-def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
-    """Patch multiprocessing's Connection and Queue for this process, and give its clock the catch-up of host
-    waits."""
+def install(emu: Emulator, tree: Tree, patch: Patcher, readers: dict) -> None:
+    """Patch multiprocessing's Connection and Queue for this process; `readers` gets each channel a thread
+    blocks reading (for Tree.catch_up)."""
     clock = emu.clock
     real_send, real_recv, real_poll = Connection._send_bytes, Connection._recv_bytes, Connection._poll
     real_put = Queue.put
     feeds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a queue's writing connection → its feed
     read: set[str] = set()
-    readers: dict[str, object] = {}  # channel → the clock's state of the thread that last blocked reading it
 
     def reading(conn) -> str | None:
         name = channel(conn)
@@ -130,20 +127,7 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
         reading(self)
         return real_poll(self, timeout)
 
-    def catch_up(t: float) -> None:
-        if not readers:  # no thread here reads a pipe: nothing could reach the engine meanwhile
-            return
-        tree.publish(t)
-        tree.wait_quiet()
-        for name, reader in list(readers.items()):
-            landing = _real_monotonic() + shared_time.LANDING
-            while tree.in_flight_to(name) and _real_monotonic() < landing:
-                _real_sleep(0.0002)
-            clock.await_block(reader)  # it handed on what it read, and reads again
-
     patch.set(Connection, "_send_bytes", send_bytes)
     patch.set(Connection, "_recv_bytes", recv_bytes)
     patch.set(Connection, "_poll", poll)
     patch.set(Queue, "put", put)
-    clock.synced = catch_up
-    patch.on_restore(lambda: setattr(clock, "synced", None))

@@ -168,8 +168,11 @@ class Emulator:
         messages between them (replayer.sockets, replayer.pipes); undone by `deactivate`."""
         self.clock.tree = tree
         self.clock.observe(tree.now())
-        sockets.install(self, tree, self._patch)
-        pipes.install(self, tree, self._patch)
+        readers: dict = {}  # channel → the clock's state of the thread last blocked reading it
+        sockets.install(self, tree, self._patch, readers)
+        pipes.install(self, tree, self._patch, readers)
+        self.clock.synced = lambda t: tree.catch_up(t, self.clock, readers)
+        self._patch.on_restore(lambda: setattr(self.clock, "synced", None))
         self._patch.on_restore(lambda: setattr(self.clock, "tree", None))
         real_start = multiprocessing.process.BaseProcess.start
 

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 _LANDING = 1.0
 
 
-def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
-    """Patch pyzmq's Socket and Poller for this process (nothing if pyzmq is not installed)."""
+def install(emu: Emulator, tree: Tree, patch: Patcher, readers: dict) -> None:
+    """Patch pyzmq's Socket and Poller for this process (nothing if pyzmq is not installed); `readers` gets
+    each channel a thread blocks reading (for Tree.catch_up)."""
     try:
         import zmq
     except ImportError:
@@ -34,7 +35,7 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
 
     clock = emu.clock
     channels: dict[int, tuple[str, str]] = {}  # socket handle → (channel it sends on, channel it reads)
-    senders, readers = (zmq.PUSH, zmq.ROUTER, zmq.DEALER), (zmq.PULL, zmq.ROUTER, zmq.DEALER)
+    senders, readers_kinds = (zmq.PUSH, zmq.ROUTER, zmq.DEALER), (zmq.PULL, zmq.ROUTER, zmq.DEALER)
     sock_cls = zmq.Socket
     real_bind, real_connect = sock_cls.bind, sock_cls.connect
     real_send, real_recv = sock_cls.send, sock_cls.recv
@@ -42,11 +43,11 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
 
     def remember(sock, addr, side: str) -> None:
         kind = sock.socket_type
-        if kind in senders or kind in readers:
+        if kind in senders or kind in readers_kinds:
             addr = addr.decode() if isinstance(addr, bytes) else str(addr)
             other = "connect" if side == "bind" else "bind"
             channels[sock.underlying] = (f"{addr}>{other}", f"{addr}>{side}")
-            if kind in readers:
+            if kind in readers_kinds:
                 tree.reads(f"{addr}>{side}")
 
     def bind(self, addr):
@@ -75,7 +76,7 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
         return result
 
     def recv(self, flags=0, copy=True, track=False):
-        ends = channels.get(self.underlying) if self.socket_type in readers else None
+        ends = channels.get(self.underlying) if self.socket_type in readers_kinds else None
         if ends is None:
             return real_recv(self, flags, copy=copy, track=track)
         addr = ends[1]
@@ -83,6 +84,7 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
         if self.rcvmore:
             pass
         elif not flags & zmq.NOBLOCK and self.rcvtimeo < 0:
+            readers[addr] = clock.state()
             clock.block(None, None, wait=ready)
         elif clock.worked:
             # A device-owning process looks for messages at its time: the others act on what they were due
@@ -103,6 +105,11 @@ def install(emu: Emulator, tree: Tree, patch: Patcher) -> None:
         if ready:
             return ready
         deadline = None if timeout is None or timeout < 0 else clock.thread_now() + timeout / 1000
+        me = clock.state()
+        for sock, _ in self.sockets:
+            ends = channels.get(getattr(sock, "underlying", None))
+            if ends is not None and sock.socket_type in readers_kinds:
+                readers[ends[1]] = me
         clock.block(deadline, None, wait=lambda s: bool(real_poll(self, int(s * 1000) or 1)))
         return real_poll(self, 0)
 

@@ -204,6 +204,28 @@ class Tree:
                 return
             _real_sleep(0.0002)
 
+    def catch_up(self, t: float, clock, readers: dict) -> None:
+        """This process's host waited for its device until `t` (a host sync): the others catch up to t, and
+        what they sent meanwhile reaches the threads here that read it (`readers`: channel → the clock's state
+        of the thread blocked reading it) and is handed on, before the host goes on. On a GPU the host would
+        have been waiting for the step all that time: a request that arrived during it joins the next one.
+
+        A thread that reads between its own steps (SGLang's scheduler) takes what came when it looks: with no
+        other reader, nothing is done."""
+        me = clock.state()
+        others = [(channel, reader) for channel, reader in list(readers.items()) if reader is not me]
+        if not others:
+            return
+        if self._quiet(t) and not any(self.in_flight_to(channel) for channel, _ in others):
+            return  # nothing was due by t: T need not move (most host syncs)
+        self.publish(t)
+        self.wait_quiet()
+        for channel, reader in others:
+            landing = _real_monotonic() + LANDING
+            while self.in_flight_to(channel) and _real_monotonic() < landing:
+                _real_sleep(0.0002)
+            clock.await_block(reader)  # it handed on what it read, and reads again
+
     def state(self) -> dict:
         """The shared state, for diagnosis: T, each process's state and deadline, messages in flight."""
         with self._locked():
@@ -225,11 +247,13 @@ class Tree:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _quiet(self) -> bool:
+    def _quiet(self, now: float | None = None) -> bool:
+        """Whether every other process waits for something after `now` (default: T), with no message on its
+        way to one of them."""
         with self._locked():
             if any(self._on_its_way(i, others_only=True) for i in range(_CHANNELS)):
                 return False
-            now = self.now()
+            now = self.now() if now is None else now
             for i in range(_SLOTS):
                 pid, state, deadline = self._slot(i)
                 if i == self.slot or not pid or not _alive(pid):
