@@ -538,17 +538,16 @@ class Clock:
     def sending(self):
         """The calling thread waits (real time) until a message it sent is taken: meanwhile no device work is
         launched and time does not jump, as if the process sent it from the thread that launches."""
+        self.hold()
         with self._cv:
-            self._held += 1
             self._sending += 1
         try:
             yield
         finally:
             with self._cv:
-                self._held -= 1
                 self._sending -= 1
-                self._me().last_contact = _real_monotonic()
                 _notify_all(self._cv)
+            self.release()
 
     def observe(self, t: float) -> None:
         """Another process made instant `t` visible to this one (a message it sent)."""
