@@ -95,6 +95,24 @@ def test_a_server_whose_model_has_a_process_of_its_own_serves_every_token_after_
     assert results[0].token_times[-1] < results[-1].token_times[-1]
 
 
+def test_a_server_event_carrying_several_tokens_times_each_of_them(monkeypatch):
+    # a stream that fell behind its model joins the texts it had queued into one event (5.25's
+    # read_queue_outputs); each word is a token, and all of them arrive with that event
+    import asyncio
+
+    from revati.engines import hf_serve
+
+    async def events(client, path, body, what):
+        for now, text in [(1.5, "t3"), (2.0, " t9 t4"), (2.5, " t1")]:
+            yield now, {"choices": [{"text": text}]}
+        yield 2.5, {"choices": [], "usage": {"completion_tokens": 4}}
+
+    monkeypatch.setattr(hf_serve, "events", events)
+    times = asyncio.run(hf_serve._complete(None, Request("r", 0.0, 3, 4), [1, 2, 3], False, 1.0))
+
+    assert times == [0.5, 1.0, 1.0, 1.5]
+
+
 @pytest.mark.skipif("hf-serve" not in OWN_MODEL, reason="this transformers serves hf-serve's model here")
 def test_a_server_whose_model_has_a_process_of_its_own_is_given_a_config_not_a_model(model):
     with pytest.raises(ValueError, match="hf-serve.*config"):

@@ -232,7 +232,10 @@ def _serve_from_config(load, requests, flags, do_sample, observer, on_result) ->
 @contextlib.contextmanager
 def _uvicorn_servers():
     """The uvicorn servers made inside the block: `Serve.run` makes its own and keeps it to itself, and the
-    load generator stops it when the load is served, as Ctrl+C would."""
+    load generator stops it when the load is served, as Ctrl+C would. Like the in-process server, they log
+    warnings only: no line per request on stdout, where `--json` prints its object."""
+    import logging
+
     import uvicorn
 
     made = []
@@ -240,6 +243,8 @@ def _uvicorn_servers():
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
+        for name in ("uvicorn.error", "uvicorn.access"):  # set up by the config, made just before
+            logging.getLogger(name).setLevel(logging.WARNING)
         made.append(self)
 
     uvicorn.Server.__init__ = init
@@ -284,7 +289,11 @@ async def _send(
 
 
 async def _complete(client, request: Request, ids: list[int], do_sample: bool, t0: float) -> list[float]:
-    """POST one streaming completion; the arrival time (from t0) of each SSE event that carries a token."""
+    """POST one streaming completion; each token's arrival time (from t0): that of the SSE event carrying it.
+
+    A stream that fell behind its model sends the texts it had queued as one event (5.25's
+    `read_queue_outputs`), and a real client sees them so: each word 't<i>' of an event's text is one token,
+    and all arrive with it."""
     body = {
         "model": MODEL_ID,
         "prompt": " ".join(f"t{i}" for i in ids),
@@ -298,13 +307,12 @@ async def _complete(client, request: Request, ids: list[int], do_sample: bool, t
     what = f"hf-serve: request {request.request_id}"
     async for now, event in events(client, "/v1/completions", body, what):
         choices = event.get("choices") or [{}]  # the usage chunk has none
-        if choices[0].get("text"):
-            times.append(now - t0)
+        times += [now - t0] * len((choices[0].get("text") or "").split())
         usage = event.get("usage") or usage
     generated = usage["completion_tokens"] if usage else None
     if len(times) != request.output_tokens or generated != request.output_tokens:
         raise RuntimeError(
-            f"hf-serve: request {request.request_id} streamed {len(times)} token events and the server "
+            f"hf-serve: request {request.request_id} streamed {len(times)} tokens and the server "
             f"counted {generated} tokens; expected {request.output_tokens}"
         )
     return times
