@@ -69,7 +69,7 @@ def _root() -> None:
         "  revati emulate\n\n"
         "  revati emulate --engine hf-generate --model tiny-llama --workload 'poisson:rate=4,n=20,"
         "prompt=fixed(64),output=fixed(16)' --json\n\n"
-        "  revati emulate --model llama-3.1-70b --gpu h200\n\n"
+        "  revati emulate --model llama-3.1-70b --gpu b200\n\n"
         "  revati emulate --workload ../shared/workloads/azure_conv_2023.csv?limit=50\n\n"
         "  revati emulate -- python bench.py --batch 8\n\n"
         "  revati emulate --model llama-3.1-70b --gpu h100 --tp 8      # one process stands for 8 ranks\n\n"
