@@ -239,6 +239,7 @@ def _vllm_kernels(directory: Path):
     from vllm.v1.worker.gpu import buffer_utils, input_batch
 
     names = [
+        "_prepare_prefill_inputs_kernel",
         "_prepare_pos_seq_lens_kernel",
         "_get_num_sampled_and_rejected_kernel",
         "_combine_sampled_and_draft_tokens_kernel",
@@ -263,6 +264,17 @@ def _cases(g: torch.Generator):
     idx = torch.randperm(reqs, generator=g)[:n].to(i32)
     query_len = r(1, 40, n)
     qsl = torch.cat([torch.zeros(1, dtype=i32), torch.cumsum(query_len, 0).to(i32)])
+    for lookahead in (0, 3):  # a chunk of each prompt, the prompt's end a few tokens on; two rows decoding
+        computed = r(0, 50, reqs)
+        prompt = computed.clone()
+        prompt[idx.long()] += query_len + r(0, 5, n)
+        prompt[idx[:2].long()] = computed[idx[:2].long()]
+        yield "_prepare_prefill_inputs_kernel", (n,), dict(
+            input_ids_ptr=r(0, 9, 512), next_prefill_tokens_ptr=r(0, 9, max(lookahead, 1), reqs),
+            next_prefill_tokens_stride=reqs, num_lookahead=lookahead, idx_mapping_ptr=idx,
+            query_start_loc_ptr=qsl, all_token_ids_ptr=r(100, 200, reqs, 128), all_token_ids_stride=128,
+            prefill_lens_ptr=prompt, num_computed_tokens_ptr=computed, BLOCK_SIZE=16, LOOKAHEAD_BLOCK=4,
+        )  # fmt: skip
     yield "_prepare_pos_seq_lens_kernel", (n + 1,), dict(
         pos_ptr=r(0, 9, 512, dtype=i64), seq_lens_ptr=r(0, 9, reqs), idx_mapping_ptr=idx,
         query_start_loc_ptr=qsl, num_computed_tokens_ptr=r(0, 500, reqs), max_num_reqs=reqs, BLOCK_SIZE=16,

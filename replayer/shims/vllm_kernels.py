@@ -3,7 +3,8 @@
 - Metadata kernels (`@exact`): Triton's interpreter runs any kernel exactly, at about a millisecond per
   program on this kind of machine; the five that vLLM's model runner launches every step (positions and
   sequence lengths, sampled-token counts, the next input ids, post-sampling bookkeeping, staged writes of
-  block tables and sampling parameters) cost it about 30 ms a step, longer than the step they describe on
+  block tables and sampling parameters), and the one every prefill launches (a prompt's input ids), cost it
+  about 30 ms a step, longer than the step they describe on
   an H100. Each function here is its kernel's program body
   for all programs at once, on the same pointer arithmetic (`flat`: a pointer argument as the flat memory
   from its first element). tests/test_vllm.py runs each against the kernel itself in the interpreter.
@@ -43,6 +44,39 @@ def _prepare_pos_seq_lens(a: dict, grid: tuple) -> None:
     seq_lens[n : a["max_num_reqs"]] = 0
     row, offset = _ragged(query_len)
     pos[start[row] + offset] = (computed[row] + offset).to(pos.dtype)
+
+
+@exact("_prepare_prefill_inputs_kernel")
+def _prepare_prefill_inputs(a: dict, grid: tuple):
+    """A prefilling request's input ids, from its prompt (`all_token_ids`), and the prompt tokens that
+    follow them (`num_lookahead`, 0 past the prompt) into `next_prefill_tokens[k, request]`. The
+    speculator's kernel of the same name (other parameters) is left to the interpreter."""
+    if "all_token_ids_ptr" not in a:
+        return NotImplemented
+    n = grid[0]
+    state = _i64(flat(a["idx_mapping_ptr"])[:n])
+    prefill_len = _i64(flat(a["prefill_lens_ptr"])[state])
+    computed = _i64(flat(a["num_computed_tokens_ptr"])[state])
+    prefilling = computed < prefill_len  # the others are decoding: nothing to do
+    b = torch.arange(n)[prefilling]
+    state, prefill_len, computed = state[prefilling], prefill_len[prefilling], computed[prefilling]
+    query_start_loc = _i64(flat(a["query_start_loc_ptr"]))
+    start = query_start_loc[b]
+    query_len = query_start_loc[b + 1] - start
+    all_ids, stride = flat(a["all_token_ids_ptr"]), a["all_token_ids_stride"]
+    input_ids = flat(a["input_ids_ptr"])
+    row, offset = _ragged(query_len)
+    input_ids[start[row] + offset] = all_ids[state[row] * stride + computed[row] + offset].to(input_ids.dtype)
+    lookahead = a["num_lookahead"]
+    if lookahead > 0 and len(b):
+        k = torch.arange(lookahead)
+        pos = (computed + query_len)[:, None] + k
+        inside = pos < prefill_len[:, None]
+        tokens = all_ids[state[:, None] * stride + torch.where(inside, pos, 0)]
+        out = flat(a["next_prefill_tokens_ptr"])
+        tokens = torch.where(inside, tokens, 0).to(out.dtype)
+        out[k * a["next_prefill_tokens_stride"] + state[:, None]] = tokens
+    return None
 
 
 @exact("_get_num_sampled_and_rejected_kernel")
