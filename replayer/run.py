@@ -76,11 +76,26 @@ class EmulationResult:
     unfitted: list[str] = field(default_factory=list)  # op keys priced without a model of their own
     graphs_captured: int = 0  # CUDA graphs captured, over all processes
     graph_replays: int = 0  # and replayed (each one O(1) advance of the clock)
+    # Serving alone, from the engine's t0 (after its set-up and warm-up) to the last request's last token:
+    # on the virtual clock, and in real time (None: the engine reported no t0)
+    serving_virtual_seconds: float | None = None
+    serving_wall_seconds: float | None = None
 
     @property
     def warp(self) -> float:
         """Virtual seconds served per wall second (> 1: faster than the real GPU would run)."""
-        return self.virtual_seconds / self.wall_seconds if self.wall_seconds > 0 else float("inf")
+        return _ratio(self.virtual_seconds, self.wall_seconds)
+
+    @property
+    def serving_warp(self) -> float | None:
+        """The same over serving alone: the engine's set-up (a model built, vLLM's graphs captured) out."""
+        if self.serving_virtual_seconds is None or self.serving_wall_seconds is None:
+            return None
+        return _ratio(self.serving_virtual_seconds, self.serving_wall_seconds)
+
+
+def _ratio(virtual: float, wall: float) -> float:
+    return virtual / wall if wall > 0 else float("inf")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -156,11 +171,18 @@ def emulate(
             run_row = _run_row(emu, config, workload, model_config, started)
             writer.write_run(run_row)
             emu.ops_sink = lambda: writer.append("ops", emu.take_op_rows())
+        last_result = [None]  # real time of the last request's completion
+
+        def finished(result: RequestResult) -> None:
+            last_result[0] = _real_perf_counter()
+            if on_result is not None:
+                on_result(result)
+
         try:
             wall0 = _real_perf_counter()
             clock0 = emu.clock.read()
             results = run_engine(
-                config.engine, model, workload.requests, observer=emu, on_result=on_result, **options
+                config.engine, model, workload.requests, observer=emu, on_result=finished, **options
             )
             torch.cuda.synchronize()
             wall = _real_perf_counter() - wall0
@@ -194,6 +216,7 @@ def emulate(
         unfitted=sorted(set(emu.dispatcher.unfitted).union(*(c.get("unfitted", []) for c in children))),
         graphs_captured=emu.graphs_captured + sum(c.get("graphs_captured", 0) for c in children),
         graph_replays=emu.graph_replays + sum(c.get("graph_replays", 0) for c in children),
+        **_serving_span(results, emu.origin_wall, last_result[0]),
     )
     if writer is not None:
         writer.append("ops", emu.take_op_rows())
@@ -210,6 +233,8 @@ def emulate(
             "unfitted": result.unfitted,
             "graphs_captured": result.graphs_captured,
             "graph_replays": result.graph_replays,
+            "serving_virtual_seconds": result.serving_virtual_seconds,
+            "serving_wall_seconds": result.serving_wall_seconds,
             "serving_origin": emu.origin,
             "options": options,  # as served: with what the emulated device added (size_for_workload)
             "wall_leak_us": emu.clock.leak * 1e6,
@@ -217,6 +242,14 @@ def emulate(
         writer.write_run({**run_row, "extra": json.dumps(extra)})
         writer.close(complete=True)
     return result
+
+
+def _serving_span(results: list[RequestResult], origin_wall: float | None, last_wall: float | None) -> dict:
+    """Serving alone: from t0 to the last token, virtual (request times count from t0) and real."""
+    if origin_wall is None or last_wall is None or not results:
+        return {}
+    last = max(r.token_times[-1] for r in results if r.token_times)
+    return {"serving_virtual_seconds": last, "serving_wall_seconds": last_wall - origin_wall}
 
 
 @contextlib.contextmanager

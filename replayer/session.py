@@ -19,7 +19,7 @@ import torch
 
 from replayer import cuda as _cuda
 from replayer import distributed, meta_kernels, native, pipes, sockets, tensor, timewarp
-from replayer.clock import Clock, concrete
+from replayer.clock import Clock, _real_perf_counter, concrete
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
 from replayer.oracle import TokenOracle
@@ -114,6 +114,7 @@ class Emulator:
         self.ops_sink = None  # called with the log full, between engine steps: writes it out
         self.iterations: list[dict] = []
         self.origin = 0.0  # virtual time when serving started (the engine's t0); trace times count from it
+        self.origin_wall: float | None = None  # and the real perf_counter then
         self.graphs_captured = 0
         self.replay_prices: dict = {}  # (key, features, kv_len) -> device seconds (cuda.Graph.follow)
         self.graph_replays = 0
@@ -302,6 +303,7 @@ class Emulator:
     def serving_start(self) -> None:
         """The engine's t0: request times count from here, and so do the trace's (as in a recorded trace)."""
         self.origin = self.clock.read()
+        self.origin_wall = _real_perf_counter()
 
     def iteration_rows(self) -> list[dict]:
         """The iterations so far, their times in seconds from serving start."""

@@ -153,6 +153,12 @@ def test_tiny_run_prints_figures_as_json_and_writes_a_complete_trace(tmp_path, e
         assert len(r["token_times"]) == r["output_tokens"]
         assert r["token_times"] == sorted(r["token_times"])
     assert read_table(out, "iterations").num_rows > 0
+    # serving alone: from t0 (set-up and warm-up before it) to the last token, inside the whole run
+    assert figures["serving_virtual_seconds"] == max(t for r in requests for t in r["token_times"])
+    assert figures["serving_virtual_seconds"] < figures["virtual_seconds"]
+    assert 0 < figures["serving_wall_seconds"] < figures["wall_seconds"]
+    serving_warp = figures["serving_virtual_seconds"] / figures["serving_wall_seconds"]
+    assert figures["serving_time_warp"] == pytest.approx(serving_warp)
 
 
 def test_a_workload_file_named_by_its_absolute_path_is_described_not_read_as_markup(tmp_path):
