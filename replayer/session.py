@@ -498,6 +498,8 @@ def _install_entry_points(emu: Emulator, patch: Patcher) -> None:
     real_to, real_tensor, real_as_tensor = Tensor.to, torch.tensor, torch.as_tensor
 
     def to(self, *args, **kwargs):
+        if not kwargs and len(args) == 1 and type(args[0]) is _DTYPE:  # `t.to(dtype)`: no device in it
+            return real_to(self, args[0])
         if type(self) is not VTensor and self.device.type != "cuda":  # a DTensor over VTensors is on cuda
             device, dtype, non_blocking, _ = torch._C._nn._parse_to(*_int_device(args), **kwargs)
             if _is_cuda(device):
@@ -629,6 +631,9 @@ def _unpinned(real):
 
     factory.__name__ = real.__name__
     return factory
+
+
+_DTYPE = torch.dtype
 
 
 def _int_device(args: tuple) -> tuple:

@@ -345,9 +345,23 @@ class _Flock:
         self._threads.release()
 
 
+_ALIVE_TTL = 0.05  # real seconds an answer of `_alive` holds: senders poll the others every 0.2 ms
+_alive_seen: dict[int, tuple[bool, float]] = {}
+
+
 def _alive(pid: int) -> bool:
     """Whether `pid` runs: an engine kills its workers (SIGKILL, no atexit) and a killed child stays a zombie
-    until reaped, which counts as gone."""
+    until reaped, which counts as gone. Looked up in /proc at most every _ALIVE_TTL seconds per process."""
+    now = _real_monotonic()
+    seen = _alive_seen.get(pid)
+    if seen is not None and now - seen[1] < _ALIVE_TTL:
+        return seen[0]
+    alive = _alive_now(pid)
+    _alive_seen[pid] = (alive, now)
+    return alive
+
+
+def _alive_now(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
