@@ -11,9 +11,11 @@ Each process keeps its own `Clock`; they meet through a small file mapped into e
 
 Time jumps the way it does inside one process (clock.py), only across processes: when every process is
 idle and no message is in flight, T moves to the earliest deadline, and the process owning it wakes. A
-process that launches device work waits, after each message it sends, until the others are idle again
-with nothing in flight for them (`wait_quiet`): the receivers then read the sender's send time, not a later
-one, and a request a front end sends in answer arrives before the sender's next step, as on a real GPU
+process that launches device work moves T on only once the others are idle again with nothing in flight
+for them (`wait_quiet`): before its next message, before it lets them catch up to a host sync, before its
+time shows when it goes idle. The receivers then read the sender's send time, not a later one, while the
+sender works on (on a GPU's machine, a front end takes up one step's tokens while the engine prepares the
+next), and a request a front end sends in answer arrives before the sender's next step, as on a real GPU
 where that step would still be running.
 """
 
@@ -127,15 +129,16 @@ class Tree:
         if self.slot >= 0 and self._slot(self.slot)[1] != _BUSY:
             self._set_slot(self.slot, self.pid, _BUSY, _INF)
 
-    def idle(self, t: float, deadline: float) -> float:
+    def idle(self, t: float, deadline: float, sender: bool = False) -> float:
         """Every thread of this process waits, the earliest until `deadline` (inf: none); its time is `t`.
         If every process now waits and no message is in flight, T jumps to the earliest deadline of all.
-        Returns T."""
+        A `sender` (a process that launches device work) makes `t` visible only once the others are quiet:
+        what it last sent them may still be taken up, at the time it was sent. Returns T."""
         if self.report is not None and self._slot(self.slot)[1] == _BUSY:
             self.report()
         with self._locked():
             self._set_slot(self.slot, self.pid, _IDLE, deadline)
-            now = self._publish(t)
+            now = self._publish(t) if not sender or self._quiet_locked(self.now()) else self.now()
             if any(self._on_its_way(i) for i in range(_CHANNELS)):
                 return now  # a message is on its way: its reader is about to be busy
             earliest = _INF
@@ -216,6 +219,7 @@ class Tree:
         others = [(channel, reader) for channel, reader in list(readers.items()) if reader is not me]
         if not others:
             return
+        self.wait_quiet()  # what this process sent them is taken up at the time it was sent, before T moves
         if self._quiet(t) and not any(self.in_flight_to(channel) for channel, _ in others):
             return  # nothing was due by t: T need not move (most host syncs)
         self.publish(t)
@@ -251,17 +255,19 @@ class Tree:
         """Whether every other process waits for something after `now` (default: T), with no message on its
         way to one of them."""
         with self._locked():
-            if any(self._on_its_way(i, others_only=True) for i in range(_CHANNELS)):
+            return self._quiet_locked(self.now() if now is None else now)
+
+    def _quiet_locked(self, now: float) -> bool:
+        if any(self._on_its_way(i, others_only=True) for i in range(_CHANNELS)):
+            return False
+        for i in range(_SLOTS):
+            pid, state, deadline = self._slot(i)
+            if i == self.slot or not pid or not _alive(pid):
+                continue
+            # running, or due to wake; a process still starting is not waited for here
+            if state == _BUSY or (state == _IDLE and deadline <= now):
                 return False
-            now = self.now() if now is None else now
-            for i in range(_SLOTS):
-                pid, state, deadline = self._slot(i)
-                if i == self.slot or not pid or not _alive(pid):
-                    continue
-                # running, or due to wake; a process still starting is not waited for here
-                if state == _BUSY or (state == _IDLE and deadline <= now):
-                    return False
-            return True
+        return True
 
     def in_flight_to(self, channel: str) -> int:
         """Messages sent on `channel` and not received yet."""
