@@ -3,8 +3,10 @@
 `transformers serve` (5.25 and later) runs its model in a process it spawns and talks to it through
 multiprocessing queues: a pipe each way, written by a queue's feeder thread. Under a shared time
 (replayer.tree) every message on such a pipe is counted from send to receipt, a blocking read waits on the
-virtual clock (so an idle process lets time jump), and a process that launches device work sends once the
-others are quiet, as over ZeroMQ (replayer.sockets).
+virtual clock (so an idle process lets time jump), and a process that launches device work waits after each
+send until the others are quiet. (Over ZeroMQ it waits before its next one instead, working on meanwhile:
+replayer.sockets. Over these pipes that made transformers serve's figures depend on the machine's load: two
+runs of one workload differed in 2 of 5 tries on a loaded VM, none when waiting after the send.)
 
 A channel is a pipe, named by its inode, which both processes see. Duplex connections (socket pairs) pass
 through untouched.
@@ -83,14 +85,14 @@ def install(emu: Emulator, tree: Tree, patch: Patcher, readers: dict) -> None:
         if name is None:
             return real_send(self, buf)
         feed = feeds.get(self)
-        if clock.worked:
-            tree.wait_quiet()  # what this process sent before is taken up, at the time it was sent
         tree.sent(name, feed.times.popleft() if feed and feed.times else clock.thread_now())
         try:
             real_send(self, buf)
         except BaseException:
             tree.received(name)  # not sent after all
             raise
+        if clock.worked:
+            tree.wait_quiet()
         if feed is not None:
             feed.sent += 1
 
@@ -104,8 +106,8 @@ def install(emu: Emulator, tree: Tree, patch: Patcher, readers: dict) -> None:
             raise
         feed.put += 1
         if clock.worked:
-            # A device-owning process sends before it goes on, as over ZeroMQ: the put returns, and device
-            # work is launched again, once the others were quiet and the feeder has sent.
+            # A device-owning process sends before it goes on: the put returns, and device work is launched
+            # again, once the feeder has sent and the others are quiet.
             n = feed.put
             with clock.sending():
                 landing = _real_monotonic() + shared_time.QUIET_GRACE + shared_time.LANDING
