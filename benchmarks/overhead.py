@@ -67,13 +67,19 @@ class _EmptyMode(TorchDispatchMode):
         return self.out
 
 
-def _per_op(fn, n: int) -> float:
+def _per_op(fn, n: int, tries: int = 5) -> float:
+    """µs per call of `fn`: the fastest of `tries` runs of n // tries calls (this machine's hiccups inflate
+    single runs by up to half)."""
     for _ in range(200):
         fn()
-    t0 = real_perf_counter()
-    for _ in range(n):
-        fn()
-    return (real_perf_counter() - t0) / n * 1e6
+    calls = max(n // tries, 1)
+    best = float("inf")
+    for _ in range(tries):
+        t0 = real_perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, real_perf_counter() - t0)
+    return best / calls * 1e6
 
 
 def op_overhead(n: int) -> dict[str, float]:
