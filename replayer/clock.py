@@ -580,7 +580,7 @@ class Clock:
             checked = _real_monotonic()
             if self.tree.changes() == self._tree_seen[0] and checked - self._tree_seen[1] < _TREE_RECHECK:
                 return
-            t = self.tree.idle(self.now, self._heap[0].deadline if self._heap else float("inf"), self.worked)
+            t = self.tree.idle(self.now, self._heap[0].deadline if self._heap else float("inf"))
             self._tree_seen = (self.tree.changes(), checked)
             if t > self.now:
                 self.jumps += 1

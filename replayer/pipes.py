@@ -4,9 +4,7 @@
 multiprocessing queues: a pipe each way, written by a queue's feeder thread. Under a shared time
 (replayer.tree) every message on such a pipe is counted from send to receipt, a blocking read waits on the
 virtual clock (so an idle process lets time jump), and a process that launches device work waits after each
-send until the others are quiet. (Over ZeroMQ it waits before its next one instead, working on meanwhile:
-replayer.sockets. Over these pipes that made transformers serve's figures depend on the machine's load: two
-runs of one workload differed in 2 of 5 tries on a loaded VM, none when waiting after the send.)
+send until the others are quiet, as over ZeroMQ (replayer.sockets).
 
 A channel is a pipe, named by its inode, which both processes see. Duplex connections (socket pairs) pass
 through untouched.
@@ -106,8 +104,8 @@ def install(emu: Emulator, tree: Tree, patch: Patcher, readers: dict) -> None:
             raise
         feed.put += 1
         if clock.worked:
-            # A device-owning process sends before it goes on: the put returns, and device work is launched
-            # again, once the feeder has sent and the others are quiet.
+            # A device-owning process sends before it goes on, as over ZeroMQ: the put returns, and device
+            # work is launched again, once the feeder has sent and the others are quiet.
             n = feed.put
             with clock.sending():
                 landing = _real_monotonic() + shared_time.QUIET_GRACE + shared_time.LANDING

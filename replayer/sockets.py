@@ -4,8 +4,8 @@ Engines that run in several processes talk over ZeroMQ: SGLang (front end, sched
 PUSH / PULL sockets, vLLM (front end, engine core) over PUSH / PULL and ROUTER / DEALER. Under a shared
 time (replayer.tree) every message on such a socket is counted from send to receipt, blocking receives and
 pollers wait on the virtual clock (so an idle process lets time jump), and a process that launches device
-work sends once the others are quiet (tree.wait_quiet): each message is taken up before the next one
-goes, while the sender works on. Sockets of other kinds pass through untouched.
+work waits after each send until the others are quiet (tree.wait_quiet). Sockets of other kinds pass
+through untouched.
 
 A channel is one direction of an endpoint: 'ADDRESS>bind' carries what connected sockets send to the bound
 one (a PULL, a ROUTER), 'ADDRESS>connect' the replies a bound ROUTER sends back.
@@ -65,14 +65,14 @@ def install(emu: Emulator, tree: Tree, patch: Patcher, readers: dict) -> None:
         if ends is None or flags & zmq.SNDMORE:
             return real_send(self, data, flags, copy=copy, track=track, **kwargs)
         addr = ends[0]
-        if clock.worked:
-            tree.wait_quiet()  # what this process sent before is taken up, at the time it was sent
         tree.sent(addr, clock.thread_now())  # counted before it can arrive
         try:
             result = real_send(self, data, flags, copy=copy, track=track, **kwargs)
         except BaseException:
             tree.received(addr)  # not sent after all
             raise
+        if clock.worked:
+            tree.wait_quiet()
         return result
 
     def recv(self, flags=0, copy=True, track=False):
@@ -89,7 +89,6 @@ def install(emu: Emulator, tree: Tree, patch: Patcher, readers: dict) -> None:
         elif clock.worked:
             # A device-owning process looks for messages at its time: the others act on what they were due
             # to do by then (a front end sends the requests that have arrived) before it looks.
-            tree.wait_quiet()  # what it sent is taken up at the time it was sent, before time moves on
             tree.publish(clock.thread_now())
             tree.wait_quiet()
             if tree.in_flight_to(addr):

@@ -11,11 +11,9 @@ Each process keeps its own `Clock`; they meet through a small file mapped into e
 
 Time jumps the way it does inside one process (clock.py), only across processes: when every process is
 idle and no message is in flight, T moves to the earliest deadline, and the process owning it wakes. A
-process that launches device work moves T on only once the others are idle again with nothing in flight
-for them (`wait_quiet`): before its next message, before it lets them catch up to a host sync, before its
-time shows when it goes idle. The receivers then read the sender's send time, not a later one, while the
-sender works on (on a GPU's machine, a front end takes up one step's tokens while the engine prepares the
-next), and a request a front end sends in answer arrives before the sender's next step, as on a real GPU
+process that launches device work waits, after each message it sends, until the others are idle again
+with nothing in flight for them (`wait_quiet`): the receivers then read the sender's send time, not a later
+one, and a request a front end sends in answer arrives before the sender's next step, as on a real GPU
 where that step would still be running.
 """
 
@@ -129,16 +127,15 @@ class Tree:
         if self.slot >= 0 and self._slot(self.slot)[1] != _BUSY:
             self._set_slot(self.slot, self.pid, _BUSY, _INF)
 
-    def idle(self, t: float, deadline: float, sender: bool = False) -> float:
+    def idle(self, t: float, deadline: float) -> float:
         """Every thread of this process waits, the earliest until `deadline` (inf: none); its time is `t`.
         If every process now waits and no message is in flight, T jumps to the earliest deadline of all.
-        A `sender` (a process that launches device work) makes `t` visible only once the others are quiet:
-        what it last sent them may still be taken up, at the time it was sent. Returns T."""
+        Returns T."""
         if self.report is not None and self._slot(self.slot)[1] == _BUSY:
             self.report()
         with self._locked():
             self._set_slot(self.slot, self.pid, _IDLE, deadline)
-            now = self._publish(t) if not sender or self._quiet_locked(self.now()) else self.now()
+            now = self._publish(t)
             if any(self._on_its_way(i) for i in range(_CHANNELS)):
                 return now  # a message is on its way: its reader is about to be busy
             earliest = _INF
@@ -219,7 +216,6 @@ class Tree:
         others = [(channel, reader) for channel, reader in list(readers.items()) if reader is not me]
         if not others:
             return
-        self.wait_quiet()  # what this process sent them is taken up at the time it was sent, before T moves
         if self._quiet(t) and not any(self.in_flight_to(channel) for channel, _ in others):
             return  # nothing was due by t: T need not move (most host syncs)
         self.publish(t)
@@ -255,19 +251,17 @@ class Tree:
         """Whether every other process waits for something after `now` (default: T), with no message on its
         way to one of them."""
         with self._locked():
-            return self._quiet_locked(self.now() if now is None else now)
-
-    def _quiet_locked(self, now: float) -> bool:
-        if any(self._on_its_way(i, others_only=True) for i in range(_CHANNELS)):
-            return False
-        for i in range(_SLOTS):
-            pid, state, deadline = self._slot(i)
-            if i == self.slot or not pid or not _alive(pid):
-                continue
-            # running, or due to wake; a process still starting is not waited for here
-            if state == _BUSY or (state == _IDLE and deadline <= now):
+            if any(self._on_its_way(i, others_only=True) for i in range(_CHANNELS)):
                 return False
-        return True
+            now = self.now() if now is None else now
+            for i in range(_SLOTS):
+                pid, state, deadline = self._slot(i)
+                if i == self.slot or not pid or not _alive(pid):
+                    continue
+                # running, or due to wake; a process still starting is not waited for here
+                if state == _BUSY or (state == _IDLE and deadline <= now):
+                    return False
+            return True
 
     def in_flight_to(self, channel: str) -> int:
         """Messages sent on `channel` and not received yet."""
@@ -351,23 +345,9 @@ class _Flock:
         self._threads.release()
 
 
-_ALIVE_TTL = 0.05  # real seconds an answer of `_alive` holds: senders poll the others every 0.2 ms
-_alive_seen: dict[int, tuple[bool, float]] = {}
-
-
 def _alive(pid: int) -> bool:
     """Whether `pid` runs: an engine kills its workers (SIGKILL, no atexit) and a killed child stays a zombie
-    until reaped, which counts as gone. Looked up in /proc at most every _ALIVE_TTL seconds per process."""
-    now = _real_monotonic()
-    seen = _alive_seen.get(pid)
-    if seen is not None and now - seen[1] < _ALIVE_TTL:
-        return seen[0]
-    alive = _alive_now(pid)
-    _alive_seen[pid] = (alive, now)
-    return alive
-
-
-def _alive_now(pid: int) -> bool:
+    until reaped, which counts as gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
