@@ -72,8 +72,10 @@ def run(
         auto_switch_to_flash=False,  # attn_implementation means what it says
         seed=seed,
     )
+    # EOS never ends a request (the workload says how long each is): -1, what continuous batching turns an
+    # unset EOS into, after a warning at every run
     generation_config = GenerationConfig(
-        do_sample=do_sample, eos_token_id=None, max_new_tokens=max(r.output_tokens for r in requests)
+        do_sample=do_sample, eos_token_id=-1, max_new_tokens=max(r.output_tokens for r in requests)
     )
     hints = WorkloadHints(
         max_prompt_length=max(r.prompt_tokens for r in requests),
