@@ -5,11 +5,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: emulate test test-slow test-sglang sglang-venv test-vllm vllm-venv lint format bench bench-sweep accuracy clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml replayer/cuda_guard.cpp replayer/hot_path.cpp
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m replayer.native  # builds the CUDA device guard for a CPU-only torch (install time, ~2 s)
+	$(PY) -m replayer.native  # the CUDA device guard for a CPU-only torch (~2 s) and the C++ hot path (~30 s)
 	touch $(STAMP)
 
 emulate: $(STAMP)  ## the main job on the embedded default (hf-cb, Llama-3.1-8B, virtual H100)

@@ -1,14 +1,16 @@
 """Emulator overhead, measured in one run (this machine is noisy: compare ratios, not absolute times).
 
-1. µs per intercepted op on the cached path (an elementwise add on virtual tensors) against an
-   empty dispatch mode (a TorchDispatchMode that returns a ready tensor: the floor of any Python
-   interception), against a bare wrapper subclass (its `__torch_dispatch__` makes one new wrapper of a
-   fixed shape and does nothing else: the floor of any emulator whose tensors are Python wrapper
-   subclasses, as Revati's are) and against the plain CPU op.
+1. µs per intercepted op on the cached path (an elementwise add on virtual tensors; served by the C++ hot
+   path where it is built, by Python with REVATI_HOT_PATH=0) against an empty dispatch mode (a
+   TorchDispatchMode that returns a ready tensor: the floor of any Python interception), against a bare
+   wrapper subclass (its `__torch_dispatch__` makes one new wrapper of a fixed shape and does nothing else:
+   the floor of any emulator that handles each op in Python, as Revati did before its hot path) and
+   against the plain CPU op.
 2. Wall time of a tiny model served by a real engine under emulation against the same engine on
    real CPU tensors (the serving code's own host time plus the tiny model's CPU kernels): hf-cb (the
    main job's engine, `make emulate`'s) and hf-generate (the leanest serving loop, where the emulator's
-   cost per op weighs most), each the fastest of a few warm runs, and the emulator's first run.
+   cost per op weighs most), each the fastest of a few warm runs taken in turns, and the emulator's first
+   run.
 3. Against a real GPU: the shipped H100 recordings of hf-generate serving Llama-3.1-8B without the
    profiler (`traces/h100/gen-*-timeline`: the serving code's host time on the GPU's own machine, eager HF
    decode being host-bound), against `revati emulate` of the same workload with the shipped H100 profile
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from replayer import hot_path
 from replayer.session import Emulator
 from revati.cost import Roofline
 from revati.engines import engine_options, run_engine
@@ -109,9 +112,10 @@ def op_overhead(n: int) -> dict[str, float]:
 
 
 def engine_overhead(engine: str, requests: int, layers: int | None = None, repeats: int = 3) -> dict:
-    """Seconds to serve the workload on real CPU tensors and emulated: the fastest of `repeats` runs of each
-    after a warm one (the steady state of a long run), and the emulator's first run after a warm-up of two
-    requests (its signature cache cold for this batch's shapes, as at the start of a run)."""
+    """Seconds to serve the workload on real CPU tensors and emulated: the fastest of `repeats` runs of each,
+    taken in turns (this machine's speed drifts within a minute), after a warm one (the steady state of a
+    long run); and the emulator's first run after a warm-up of two requests (its signature cache cold for
+    this batch's shapes, as at the start of a run)."""
     config = load_config("tiny-llama")
     config.eos_token_id = None
     if layers is not None:  # more layers: per-layer host work weighs as in a real model, compute stays tiny
@@ -131,24 +135,29 @@ def engine_overhead(engine: str, requests: int, layers: int | None = None, repea
 
     model = build_model(config, "cpu", torch.float32)
     timed(model)  # warm the real path's imports and allocator
-    real = min(timed(model) for _ in range(repeats))
-    real_steps = steps.n
-    del model
     spec = gpu("h100")
-    with Emulator(spec, Roofline(spec), ops="none") as emu:
+    emu = Emulator(spec, Roofline(spec), ops="none")
+    with emu:
         vmodel = build_model(config, "cuda", torch.float32)
         run_engine(engine, vmodel, work.requests[:2])
         misses0 = emu.dispatcher.misses
         cold = timed(vmodel)
         misses = emu.dispatcher.misses - misses0
         ops0 = emu.dispatcher.ops
-        warm = min(timed(vmodel) for _ in range(repeats))
-        ops = (emu.dispatcher.ops - ops0) // repeats
-    if steps.n != real_steps:
-        raise RuntimeError(f"{engine}: {steps.n} steps emulated, {real_steps} on CPU: not the same run")
+    hits0 = hot_path.counts()["hits"]
+    real, warm = [], []
+    for _ in range(repeats):
+        real.append(timed(model))
+        real_steps = steps.n
+        with emu:
+            warm.append(timed(vmodel))
+        if steps.n != real_steps:
+            raise RuntimeError(f"{engine}: {steps.n} steps emulated, {real_steps} on CPU: not the same run")
+    ops = (emu.dispatcher.ops - ops0) // repeats
+    native = (hot_path.counts()["hits"] - hits0) // repeats
     return {
-        "real_cpu_s": real, "emulated_s": warm, "emulated_cold_s": cold, "ops": ops, "misses": misses,
-        "steps": real_steps,
+        "real_cpu_s": min(real), "emulated_s": min(warm), "emulated_cold_s": cold, "ops": ops,
+        "misses": misses, "steps": real_steps, "in_cpp": native,
     }  # fmt: skip
 
 
@@ -214,11 +223,12 @@ def main() -> None:
                   f"fastest of {args.repeats} warm runs:")  # fmt: skip
             print(f"  real CPU tensors          {e['real_cpu_s']:7.3f} s   ({e['steps']} steps, as emulated)")
             print(f"  emulated (virtual H100)   {e['emulated_s']:7.3f} s   ({e['ops']:,} ops, "
-                  f"{e['emulated_s'] / max(e['ops'], 1) * 1e6:.1f} us per op all in)")  # fmt: skip
+                  f"{e['emulated_s'] / max(e['ops'], 1) * 1e6:.1f} us per op all in, "
+                  f"{e['in_cpp'] / max(e['ops'], 1):.0%} served by the C++ hot path)")  # fmt: skip
             print(f"  ratio emulated / real     {e['emulated_s'] / e['real_cpu_s']:7.2f}x")
             # the serving code's own time plus, per op, a bare wrapper subclass's op in place of the CPU op
             floor = (e["real_cpu_s"] + e["ops"] * extra) / e["real_cpu_s"]
-            print(f"  floor of any wrapper-subclass emulator  {floor:.2f}x   (real + ops x (bare - plain))")
+            print(f"  floor with ops in Python  {floor:.2f}x   (real + ops x (bare - plain))")
             print(f"  emulated, first run       {e['emulated_cold_s']:7.3f} s   ({e['misses']:,} signatures "
                   f"new to it): {e['emulated_cold_s'] / e['real_cpu_s']:.2f}x")  # fmt: skip
     if args.no_gpu_runs:

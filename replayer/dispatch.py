@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +163,10 @@ class Dispatcher:
         self.ops = 0
         self.misses = 0
         self.value_ops = 0
+        # The C++ hot path (replayer.hot_path): the ops routed through it, and what the generic path decided
+        # for the call it sent here, for it to serve the next such call itself.
+        self.hot_ids: set[int] = set()
+        self.offer: list = []
 
     # -- entry points ----------------------------------------------------------------------------
 
@@ -236,6 +241,9 @@ class Dispatcher:
             out._d = meta
             out._vstorage = Storage(meta.nbytes, self.allocator, None)
             out._value = None
+            if id(func) in self.hot_ids and sig.key != _ATTENTION:
+                # a small output is made without a value only while some input has none
+                self._offer(func, sig, meta, (meta.nbytes, self.allocator, None), meta is sig.small_new)
         else:
             meta = sig.fast_view
             base = args[0] if meta is not None else None
@@ -259,19 +267,24 @@ class Dispatcher:
                 out._d = meta
                 out._vstorage = base._vstorage
                 out._value = value
+                if id(func) in self.hot_ids and sig.key != _ATTENTION:
+                    self._offer(func, sig, meta, None, False)
             else:
                 out = self._outputs(sig, func, args, kwargs, tensors)
-        emu = self.emu  # Emulator.account, inlined: a call less per op
-        w = emu.wake
-        host_cost = (sig.host + sig.per_request * emu.batch) * w
-        host, start, stream = self.launch(sig.duration * w, host_cost)
+        stream = self.emu.account(sig)
         if stream < 0 and sig.key == _ATTENTION:  # captured into a CUDA graph: see Graph.follow
-            self._follow_lengths(sig, func, args, kwargs, sig.duration * w)
-        if emu._log_ops:
-            emu.ops.append(
-                (self.ops, sig.sig_id, host, host_cost, start, sig.duration * w, stream, emu._iteration)
-            )
+            self._follow_lengths(sig, func, args, kwargs, sig.duration * self.emu.wake)
         return out
+
+    def account(self, sig: Signature) -> None:
+        """One op the C++ hot path ran: counted, on the clock, logged."""
+        self.ops += 1
+        self.emu.account(sig)
+
+    def _offer(self, func, sig: Signature, meta: Meta, storage_args: tuple | None, small: bool) -> None:
+        """What the C++ hot path needs to serve this call's signature itself (see replayer.hot_path)."""
+        wrap_args = (VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device)
+        self.offer[:] = (func, sig, meta, wrap_args, storage_args, small, threading.get_ident())
 
     def _follow_lengths(self, sig: Signature, func, args, kwargs, duration: float) -> None:
         """An attention kernel captured into a CUDA graph reads its sequence lengths (`seqused_k`) from a
@@ -808,6 +821,13 @@ _SPECIAL = {
     aten._fused_sdp_choice.default: _fused_sdp_choice,
 }
 _SPECIAL_IDS = {id(op): handler for op, handler in _SPECIAL.items()}
+
+
+def special_ids() -> set[int]:
+    """The ids of the ops with rules of their own that the C++ hot path must leave to them. `_to_copy` is not
+    among them: its rule (a copy to the host) depends on its target device, which the hot path keys on too,
+    and every other copy takes the generic path."""
+    return set(_SPECIAL_IDS) - {id(aten._to_copy.default)}
 
 
 def _all_valued(tensors: list) -> bool:

@@ -246,6 +246,7 @@ def activate_from_env() -> None:
             "waited": topo.waited,
             "ops": emu.dispatcher.ops,
             "op_signatures": len(emu.dispatcher.signatures),
+            "hot_path_ops": emu.hot_path_ops(),
             "peak_memory": emu.allocator.peak,
             "synthesized": emu.synthesized(),
             "unfitted": sorted(emu.dispatcher.unfitted),

@@ -76,6 +76,7 @@ class EmulationResult:
     unfitted: list[str] = field(default_factory=list)  # op keys priced without a model of their own
     graphs_captured: int = 0  # CUDA graphs captured, over all processes
     graph_replays: int = 0  # and replayed (each one O(1) advance of the clock)
+    hot_path_ops: int = 0  # ops served by the C++ hot path (replayer.hot_path), over all processes
     # Serving alone, from the engine's t0 (after its set-up and warm-up) to the last request's last token:
     # on the virtual clock, and in real time (None: the engine reported no t0)
     serving_virtual_seconds: float | None = None
@@ -216,6 +217,7 @@ def emulate(
         unfitted=sorted(set(emu.dispatcher.unfitted).union(*(c.get("unfitted", []) for c in children))),
         graphs_captured=emu.graphs_captured + sum(c.get("graphs_captured", 0) for c in children),
         graph_replays=emu.graph_replays + sum(c.get("graph_replays", 0) for c in children),
+        hot_path_ops=emu.hot_path_ops() + sum(c.get("hot_path_ops", 0) for c in children),
         **_serving_span(results, emu.origin_wall, last_result[0]),
     )
     if writer is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from replayer import cuda as _cuda
-from replayer import distributed, meta_kernels, native, pipes, sockets, tensor, timewarp
+from replayer import dispatch, distributed, hot_path, meta_kernels, native, pipes, sockets, tensor, timewarp
 from replayer.clock import Clock, _real_perf_counter, concrete
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
@@ -119,6 +119,9 @@ class Emulator:
         self.replay_prices: dict = {}  # (key, features, kv_len) -> device seconds (cuda.Graph.follow)
         self.graph_replays = 0
         self.active = False
+        self.hot_path = False  # ops served by the C++ hot path (replayer.hot_path)
+        self._hot_path_hits = 0  # what it served in earlier activations
+        self._hot_path_since = 0  # its process-wide count when this activation began
         self.extra_syncs: Counter[str] = Counter()
         self._iteration: int | None = None
         self._iteration_open: dict | None = None
@@ -157,6 +160,9 @@ class Emulator:
             self._patch.on_restore(lambda: gc.callbacks.remove(self.clock.collecting))
         else:
             tensor.set_dispatch(self.dispatcher.dispatch, self.dispatcher.torch_dispatch)
+            # wall mode keeps every op in Python: each is timed as the emulator's (`outside`)
+            self.hot_path = hot_path.enable(self.dispatcher, dispatch.special_ids())
+            self._hot_path_since = hot_path.counts()["hits"]
         _cuda.install(self, self._patch)
         distributed.install(self._patch)
         triton_shim.install(self._patch)
@@ -186,8 +192,10 @@ class Emulator:
 
     def deactivate(self) -> None:
         global _CURRENT
+        self._hot_path_hits = self.hot_path_ops()
         self.active = False
         distributed.uninstall()
+        hot_path.disable()
         tensor.set_dispatch(None)
         self._patch.restore()
         _CURRENT = None
@@ -202,8 +210,8 @@ class Emulator:
         """A factory call on `cuda` (wall mode: its time is the emulator's, not the serving code's)."""
         return self.outside(self.dispatcher.factory, func, args, kwargs)
 
-    def account(self, sig: Signature) -> None:
-        """Advance the clocks for one op and log it."""
+    def account(self, sig: Signature) -> int:
+        """Advance the clocks for one op and log it; returns its stream (< 0: captured into a CUDA graph)."""
         w = self.wake
         host_cost = (sig.host + sig.per_request * self.batch) * w
         host, start, stream = self.clock.launch(sig.duration * w, host_cost)
@@ -220,6 +228,7 @@ class Emulator:
                     self._iteration,
                 ),
             )
+        return stream
 
     def outside(self, fn, *args):
         """Run emulator work called from serving code (an op, a factory, a collective): in wall mode its time
@@ -354,6 +363,10 @@ class Emulator:
 
     def synthesized(self) -> dict[str, int]:
         return dict(self.oracle.synthesized)
+
+    def hot_path_ops(self) -> int:
+        """Ops the C++ hot path served while this emulator was active (0 where it is not built or is off)."""
+        return self._hot_path_hits + (hot_path.counts()["hits"] - self._hot_path_since if self.active else 0)
 
     def take_op_rows(self) -> dict[str, list]:
         """The op log so far as columns of the trace's `ops` table; the log starts empty again."""

@@ -1050,6 +1050,7 @@ def _figures(result, plan) -> dict:
         synthesized=result.synthesized,
         ops=result.ops,
         op_signatures=result.op_signatures,
+        hot_path_ops=result.hot_path_ops,
         clock_stalls=result.clock_stalls,
         processes=result.processes,
         unfitted_ops=result.unfitted,
@@ -1101,7 +1102,7 @@ def _print_table(f: dict, plan) -> None:
             f"{f['peak_memory_gib']:.2f} GiB (weights {f['weights_memory_gib']:.2f} GiB)",
         ),
         ("synthesized values", f"{f['synthesized_values']} {_synth(f['synthesized'])}"),
-        ("ops", f"{f['ops']:,} ({f['op_signatures']:,} distinct signatures)" + _processes(f)),
+        ("ops", f"{f['ops']:,} ({f['op_signatures']:,} distinct signatures{_hot(f)})" + _processes(f)),
         ("not fitted", _unfitted(f)),
         *([("CUDA graphs", _graphs(f))] if f.get("graphs_captured") else []),
         ("clock stalls", f"{f['clock_stalls']} (virtual time moved on a real-time guess; 0 is exact)"),
@@ -1117,6 +1118,12 @@ def _graphs(f: dict) -> str:
     return (
         f"{f['graphs_captured']} captured, {f['graph_replays']:,} replays (each an O(1) advance of the clock)"
     )
+
+
+def _hot(f: dict) -> str:
+    """The share of ops the C++ hot path served (none in wall mode, or where it did not build)."""
+    served = f.get("hot_path_ops") or 0
+    return f"; {served / f['ops']:.0%} by the C++ hot path" if served and f["ops"] else ""
 
 
 def _processes(f: dict) -> str:

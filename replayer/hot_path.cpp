@@ -1,0 +1,413 @@
+// The emulator's hot path in C++: an op on virtual tensors whose signature Python has already worked out.
+//
+// Registered for a list of aten ops on the Python dispatch key, in place of PyTorch's Python fallback,
+// it builds the op's cache key from its arguments (each virtual tensor's Meta number), and on a hit makes
+// the output wrapper itself and asks Python only to account the launch (clock, op log). Anything else
+// (a miss, an argument it cannot key, a dispatch mode on the stack, the emulator off) goes to Python as
+// the fallback would: `VTensor.__torch_dispatch__`, which offers what it decided for the next call.
+// Python drives it through ctypes (replayer/hot_path.py); every entry point expects the GIL held.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/PyInterpreter.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+struct Entry {
+  PyObject* sig;           // the Signature, handed to `account`
+  PyObject* meta;          // the output's Meta: its `_d`
+  PyObject* wrap_args;     // the output's arguments to `_make_wrapper_subclass`
+  PyObject* storage_args;  // (nbytes, allocator, None) for a new output; None for a view of the first argument
+  bool small;              // a small output: made here only while some input has no value
+};
+
+struct State {
+  bool on = false;
+  PyObject* vtensor = nullptr;
+  PyObject* make_wrapper = nullptr;  // torch.Tensor._make_wrapper_subclass
+  PyObject* storage = nullptr;       // replayer.memory.Storage
+  PyObject* account = nullptr;       // account(sig): the launch on the clock, the op counted and logged
+  // a list Python's generic path fills: [func, sig, meta, wrap_args, storage_args, small, thread ident]
+  PyObject* offered = nullptr;
+  PyObject* s_d = nullptr;
+  PyObject* s_n = nullptr;
+  PyObject* s_vstorage = nullptr;
+  PyObject* s_value = nullptr;
+  PyObject* s_value_of_storage = nullptr;
+  std::unordered_map<std::string, Entry> cache;
+  std::unordered_map<const c10::FunctionSchema*, PyObject*> funcs;  // registered ops -> their OpOverload
+  std::unique_ptr<torch::Library> lib;
+  long long hits = 0;
+  long long misses = 0;
+};
+
+State S;
+
+// PyTorch's Python fallback runs __torch_dispatch__ with every key below Python excluded but these.
+const c10::DispatchKeySet kBelowPython =
+    (c10::DispatchKeySet(c10::DispatchKeySet::FULL) ^
+     (c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::Python) |
+      c10::DispatchKeySet(c10::DispatchKey::Python)))
+        .remove(c10::DispatchKey::ZeroTensor)
+        .remove(c10::DispatchKey::Conjugate)
+        .remove(c10::DispatchKey::Negative);
+
+void to_python(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard guard(kBelowPython);
+  auto* interpreter = c10::impl::getGlobalPyInterpreter();
+  TORCH_INTERNAL_ASSERT(interpreter != nullptr, "revati hot path: no Python interpreter");
+  (*interpreter)->dispatch(op, stack);
+}
+
+template <typename T>
+void put(std::string& key, char tag, T value) {
+  key.push_back(tag);
+  key.append(reinterpret_cast<const char*>(&value), sizeof(T));
+}
+
+PyObject* python_object(const at::Tensor& t) { return t.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj(); }
+
+// The Meta number of a virtual tensor, or -1 for any other tensor.
+long long number(const at::Tensor& t) {
+  PyObject* obj = python_object(t);
+  if (obj == nullptr || reinterpret_cast<PyObject*>(Py_TYPE(obj)) != S.vtensor) {
+    return -1;
+  }
+  PyObject* d = PyObject_GetAttr(obj, S.s_d);
+  if (d == nullptr) {
+    PyErr_Clear();
+    return -1;
+  }
+  PyObject* n = PyObject_GetAttr(d, S.s_n);
+  Py_DECREF(d);
+  if (n == nullptr) {
+    PyErr_Clear();
+    return -1;
+  }
+  long long value = PyLong_AsLongLong(n);
+  Py_DECREF(n);
+  return value;
+}
+
+bool put_tensor(std::string& key, const at::Tensor& t) {
+  if (!t.defined()) {
+    key.push_back('u');
+    return true;
+  }
+  long long n = number(t);
+  if (n < 0) {
+    return false;
+  }
+  put(key, 't', n);
+  return true;
+}
+
+// Append an argument's part of the key; false for an argument the hot path does not key.
+bool put_arg(std::string& key, const c10::IValue& v) {
+  if (v.isTensor()) {
+    return put_tensor(key, v.toTensor());
+  }
+  if (v.isNone()) {
+    key.push_back('n');
+    return true;
+  }
+  if (v.isInt()) {
+    put(key, 'i', v.toInt());
+    return true;
+  }
+  if (v.isBool()) {
+    put(key, 'b', v.toBool());
+    return true;
+  }
+  if (v.isDouble()) {
+    put(key, 'f', v.toDouble());
+    return true;
+  }
+  if (v.isIntList()) {
+    auto list = v.toIntList();
+    put(key, 'L', static_cast<int64_t>(list.size()));
+    for (int64_t x : list) {
+      key.append(reinterpret_cast<const char*>(&x), sizeof(x));
+    }
+    return true;
+  }
+  if (v.isString()) {
+    const std::string& text = v.toStringRef();
+    put(key, 's', static_cast<int64_t>(text.size()));
+    key += text;
+    return true;
+  }
+  if (v.isDevice()) {
+    auto d = v.toDevice();
+    put(key, 'd', static_cast<int32_t>(d.type()) * 1024 + d.index());
+    return true;
+  }
+  if (v.isTensorList()) {
+    const auto& list = v.toListRef();
+    put(key, 'T', static_cast<int64_t>(list.size()));
+    for (const auto& t : list) {
+      if (!put_tensor(key, t.toTensor())) {
+        return false;
+      }
+    }
+    return true;
+  }
+  return false;
+}
+
+void set(PyObject* obj, PyObject* name, PyObject* value) {
+  if (PyObject_SetAttr(obj, name, value) != 0) {
+    throw python_error();
+  }
+}
+
+// Whether `obj.name` is not None.
+bool is_set(PyObject* obj, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(obj, name);
+  if (v == nullptr) {
+    throw python_error();
+  }
+  bool set = v != Py_None;
+  Py_DECREF(v);
+  return set;
+}
+
+// Whether a virtual tensor holds a value: its own (`_value`) and its storage's (`_vstorage.value`).
+bool valued(const at::Tensor& t) {
+  PyObject* obj = python_object(t);
+  if (!is_set(obj, S.s_value)) {
+    return false;
+  }
+  PyObject* storage = PyObject_GetAttr(obj, S.s_vstorage);
+  if (storage == nullptr) {
+    throw python_error();
+  }
+  bool known = is_set(storage, S.s_value_of_storage);
+  Py_DECREF(storage);
+  return known;
+}
+
+// Whether every tensor among the arguments holds a value (keyed arguments are virtual tensors or lists).
+bool all_valued(torch::jit::Stack* stack, size_t nargs) {
+  for (const auto& v : torch::jit::last(*stack, nargs)) {
+    if (v.isTensor()) {
+      if (v.toTensor().defined() && !valued(v.toTensor())) {
+        return false;
+      }
+    } else if (v.isTensorList()) {
+      for (const auto& t : v.toListRef()) {
+        if (!valued(t.toTensor())) {
+          return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+
+// A cached op: the output made here, the launch accounted in Python. False: let Python do it (a view of a
+// tensor that has a value computes that value's view too).
+bool run(const Entry& e, torch::jit::Stack* stack, size_t nargs) {
+  if (e.small && all_valued(stack, nargs)) {
+    return false;  // Python computes its value
+  }
+  PyObject* storage = nullptr;
+  std::optional<c10::InferenceMode> outside;
+  if (e.storage_args == Py_None) {
+    const at::Tensor& base = torch::jit::peek(*stack, 0, nargs).toTensor();
+    PyObject* obj = python_object(base);
+    if (is_set(obj, S.s_value)) {
+      return false;
+    }
+    storage = PyObject_GetAttr(obj, S.s_vstorage);
+    if (storage == nullptr) {
+      throw python_error();
+    }
+    if (c10::InferenceMode::is_enabled() && !base.is_inference()) {
+      outside.emplace(false);  // a view of a tensor made outside inference mode is not an inference tensor
+    }
+  } else {
+    storage = PyObject_Call(S.storage, e.storage_args, nullptr);  // may raise the virtual OutOfMemoryError
+    if (storage == nullptr) {
+      throw python_error();
+    }
+  }
+  PyObject* out = PyObject_Call(S.make_wrapper, e.wrap_args, nullptr);
+  outside.reset();
+  if (out == nullptr) {
+    Py_DECREF(storage);
+    throw python_error();
+  }
+  try {
+    set(out, S.s_d, e.meta);
+    set(out, S.s_vstorage, storage);
+    set(out, S.s_value, Py_None);
+  } catch (...) {
+    Py_DECREF(storage);
+    Py_DECREF(out);
+    throw;
+  }
+  Py_DECREF(storage);
+  PyObject* r = PyObject_CallOneArg(S.account, e.sig);
+  if (r == nullptr) {
+    Py_DECREF(out);
+    throw python_error();
+  }
+  Py_DECREF(r);
+  at::Tensor t = THPVariable_Unpack(out);
+  Py_DECREF(out);
+  torch::jit::drop(*stack, nargs);
+  torch::jit::push(*stack, std::move(t));
+  return true;
+}
+
+void take_offer(std::string key, PyObject* func) {
+  PyObject* o = S.offered;
+  if (PyList_GET_SIZE(o) != 7 || PyList_GET_ITEM(o, 0) != func) {
+    return;  // the op took another path (a value computed, an op of its own rules)
+  }
+  unsigned long ident = PyLong_AsUnsignedLong(PyList_GET_ITEM(o, 6));
+  if (ident != PyThread_get_thread_ident()) {
+    return;  // another thread's op, offered while this one was in Python
+  }
+  Entry e{PyList_GET_ITEM(o, 1), PyList_GET_ITEM(o, 2), PyList_GET_ITEM(o, 3), PyList_GET_ITEM(o, 4),
+          PyList_GET_ITEM(o, 5) == Py_True};
+  if (S.cache.emplace(std::move(key), e).second) {  // else another thread filed it meanwhile
+    Py_INCREF(e.sig);
+    Py_INCREF(e.meta);
+    Py_INCREF(e.wrap_args);
+    Py_INCREF(e.storage_args);
+  }
+}
+
+void hot(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  if (!S.on || c10::impl::TorchDispatchModeTLS::stack_len() > 0) {
+    to_python(op, stack);
+    return;
+  }
+  const auto& schema = op.schema();
+  const size_t nargs = schema.arguments().size();
+  pybind11::gil_scoped_acquire gil;
+  std::string key;
+  key.reserve(16 * nargs + 16);
+  const void* id = &schema;
+  key.append(reinterpret_cast<const char*>(&id), sizeof(id));
+  for (const auto& v : torch::jit::last(*stack, nargs)) {
+    if (!put_arg(key, v)) {
+      to_python(op, stack);
+      return;
+    }
+  }
+  auto it = S.cache.find(key);
+  if (it != S.cache.end()) {
+    if (run(it->second, stack, nargs)) {
+      S.hits++;
+      return;
+    }
+    to_python(op, stack);
+    return;
+  }
+  S.misses++;
+  auto f = S.funcs.find(&schema);
+  PyObject* func = f == S.funcs.end() ? nullptr : f->second;
+  if (PyList_SetSlice(S.offered, 0, PY_SSIZE_T_MAX, nullptr) != 0) {
+    throw python_error();
+  }
+  to_python(op, stack);
+  if (func != nullptr && S.on) {
+    take_offer(std::move(key), func);
+  }
+}
+
+void clear() {
+  for (auto& [key, e] : S.cache) {
+    Py_DECREF(e.sig);
+    Py_DECREF(e.meta);
+    Py_DECREF(e.wrap_args);
+    Py_DECREF(e.storage_args);
+  }
+  S.cache.clear();
+}
+
+void keep(PyObject*& slot, PyObject* value) {
+  Py_XINCREF(value);
+  Py_XDECREF(slot);
+  slot = value;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Route the registered ops here: vtensor (the class), make_wrapper, storage (the class), account(sig), and
+// the list Python's generic path fills with what it decided.
+void revati_hot_enable(PyObject* vtensor, PyObject* make_wrapper, PyObject* storage, PyObject* account,
+                       PyObject* offered) {
+  if (offered != S.offered) {
+    clear();  // another emulator's signatures
+  }
+  keep(S.vtensor, vtensor);
+  keep(S.make_wrapper, make_wrapper);
+  keep(S.storage, storage);
+  keep(S.account, account);
+  keep(S.offered, offered);
+  if (S.s_d == nullptr) {
+    S.s_d = PyUnicode_InternFromString("_d");
+    S.s_n = PyUnicode_InternFromString("n");
+    S.s_vstorage = PyUnicode_InternFromString("_vstorage");
+    S.s_value = PyUnicode_InternFromString("_value");
+    S.s_value_of_storage = PyUnicode_InternFromString("value");
+  }
+  S.on = true;
+}
+
+// Everything to Python again. The cache stays for the same emulator's next activation.
+void revati_hot_disable() { S.on = false; }
+
+// Register `func` (an OpOverload, named "aten::name" and "overload") on the Python key: 1 done or already,
+// 0 skipped (PyTorch has a Python-key kernel of its own for it), -1 no such op.
+int revati_hot_register(const char* name, const char* overload, PyObject* func) {
+  auto handle = c10::Dispatcher::singleton().findOp({name, overload});
+  if (!handle.has_value()) {
+    return -1;
+  }
+  const c10::FunctionSchema* schema = &handle->schema();
+  if (S.funcs.count(schema)) {
+    return 1;
+  }
+  if (handle->hasKernelForDispatchKey(c10::DispatchKey::Python)) {
+    return 0;
+  }
+  if (!S.lib) {
+    S.lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::Python,
+                                             __FILE__, __LINE__);
+  }
+  std::string qualified = std::string(name).substr(std::strlen("aten::"));
+  if (overload[0] != '\0') {
+    qualified += std::string(".") + overload;
+  }
+  S.lib->impl(qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&hot>());
+  Py_INCREF(func);
+  S.funcs[schema] = func;
+  return 1;
+}
+
+long long revati_hot_hits() { return S.hits; }
+long long revati_hot_misses() { return S.misses; }
+long long revati_hot_size() { return static_cast<long long>(S.cache.size()); }
+}

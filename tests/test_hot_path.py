@@ -1,0 +1,132 @@
+"""The C++ hot path (replayer.hot_path) serves cached ops exactly as the Python path would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from replayer import hot_path
+from revati.engines import run_engine
+from revati.models import build_model, load_config
+from revati.workloads import parse_workload
+
+
+def test_the_hot_path_builds_and_loads():
+    # `make` builds it at install; where it cannot (no compiler or Python headers) emulation still works,
+    # every op in Python, but a fresh install of this project on a supported machine must prove it builds
+    assert hot_path.load() is not None, hot_path.unavailable()
+
+
+def _served(fn, times: int = 3) -> int:
+    """Calls of `fn` after the first that the hot path served itself."""
+    fn()
+    before = hot_path.counts()["hits"]
+    for _ in range(times):
+        fn()
+    return hot_path.counts()["hits"] - before
+
+
+def _serve_tiny_llama(emulate, monkeypatch, engine: str, hot: bool):
+    monkeypatch.setenv("REVATI_HOT_PATH", "1" if hot else "0")
+    emu = emulate(ops="all")
+    assert emu.hot_path is hot
+    config = load_config("tiny-llama")
+    config.eos_token_id = None
+    model = build_model(config, "cuda", torch.bfloat16)
+    work = parse_workload("poisson:rate=50,n=6,prompt=lognormal(40,0.5),output=fixed(6),seed=3")
+    before = hot_path.counts()["hits"]
+    results = run_engine(engine, model, work.requests)
+    served = hot_path.counts()["hits"] - before
+    # streams renumbered in order of first use: a process numbers the streams of all its emulators in turn
+    streams: dict = {}
+    log = [(*row[:6], streams.setdefault(row[6], len(streams)), *row[7:]) for row in emu.ops]
+    emu.deactivate()
+    return results, log, served
+
+
+@pytest.mark.parametrize("engine", ["hf-generate", "hf-cb"])
+def test_a_run_served_by_the_hot_path_logs_the_same_ops_at_the_same_times_as_one_in_python(
+    emulate, monkeypatch, engine
+):
+    results, log, served = _serve_tiny_llama(emulate, monkeypatch, engine, hot=True)
+    py_results, py_log, py_served = _serve_tiny_llama(emulate, monkeypatch, engine, hot=False)
+    assert py_served == 0 and served > len(log) / 2, (served, len(log))
+    assert [r.token_times for r in results] == [r.token_times for r in py_results]
+    assert len(log) == len(py_log) > 1000
+    assert log == py_log  # op by op: signature, host time, host cost, start, duration, stream, step
+
+
+def test_a_small_result_of_inputs_with_values_gets_its_value_though_its_signature_is_cached(emulate):
+    emu = emulate()
+    assert emu.hot_path
+    unknown = torch.empty(3, device="cuda").long()  # integers computed from unknown floats: no value
+    assert unknown.value() is None
+    assert _served(lambda: unknown + unknown) == 3  # filed: a small output made without a value
+    known = torch.tensor([1, 2, 3], device="cuda")  # the same metadata, with a value
+    assert (known + known).tolist() == [2, 4, 6]
+    assert (known * 2 + known).tolist() == [3, 6, 9]
+
+
+def test_a_view_of_a_tensor_with_a_value_gets_the_value_of_the_view(emulate):
+    emulate()
+    unknown = torch.empty(10, device="cuda").long()
+    assert _served(lambda: unknown[2:5]) == 3
+    known = torch.arange(10, device="cuda")  # same metadata, a value
+    for _ in range(2):
+        assert known[2:5].tolist() == [2, 3, 4]
+
+
+def test_a_view_made_in_inference_mode_of_a_tensor_made_outside_it_is_not_an_inference_tensor(emulate):
+    emulate()
+    weight = torch.empty(64, 32, device="cuda")
+    with torch.inference_mode():
+        assert _served(weight.t) == 3
+        assert not weight.t().is_inference()
+        assert torch.empty(4, device="cuda").t().is_inference()
+
+
+def test_a_dispatch_mode_sees_every_op_even_one_the_hot_path_has_cached(emulate):
+    emulate()
+    x = torch.empty(256, 256, device="cuda")
+    assert _served(lambda: x @ x) == 3
+    seen = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        out = x @ x
+    assert seen == [torch.ops.aten.mm.default] and out.shape == (256, 256)
+
+
+def test_the_hot_path_keeps_memory_and_the_clock_as_python_does(emulate):
+    emu = emulate(device={"aten::mm": 1e-3})
+    x = torch.empty(1024, 1024, device="cuda")
+    x @ x  # filed
+    allocated = torch.cuda.memory_allocated()
+    start = emu.clock.stream_time(0)
+    outs = [x @ x for _ in range(3)]
+    assert torch.cuda.memory_allocated() == allocated + 3 * 1024 * 1024 * 4
+    assert emu.clock.stream_time(0) == pytest.approx(start + 3e-3)
+    del outs
+    assert torch.cuda.memory_allocated() == allocated
+    a, b = torch.empty(65536, 1024, device="cuda"), torch.empty(1024, 65536, device="cuda")
+    kept = [a @ b]  # 16 GiB each: the fifth does not fit in the H100's 80 GB
+    before = hot_path.counts()["hits"]
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="CUDA out of memory"):
+        for _ in range(9):
+            kept.append(a @ b)
+    assert len(kept) == 4 and hot_path.counts()["hits"] - before == 3  # the OOM came from the hot path
+
+
+def test_a_copy_to_the_host_is_still_a_host_tensor_once_copies_on_the_device_are_cached(emulate):
+    emulate()
+    x = torch.empty(8, 16, device="cuda", dtype=torch.bfloat16)
+    assert _served(lambda: x.to(torch.float32)) == 3
+    assert _served(lambda: x.to("cuda", torch.float32)) == 3
+    host = x.to("cpu", torch.float32)
+    assert type(host) is torch.Tensor and host.device.type == "cpu" and host.dtype == torch.float32
+    assert x.to(torch.float32).device.type == "cuda"
