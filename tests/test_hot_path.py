@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,10 +14,15 @@ from revati.engines import run_engine
 from revati.models import build_model, load_config
 from revati.workloads import parse_workload
 
+# Without Python's headers the hot path cannot build, and every op is emulated in Python (the rest of the
+# suite covers that); with them, a fresh install must prove it builds.
+pytestmark = pytest.mark.skipif(
+    not Path(sysconfig.get_paths()["include"], "Python.h").exists(),
+    reason="Python's headers are not installed: the hot path cannot build here",
+)
+
 
 def test_the_hot_path_builds_and_loads():
-    # `make` builds it at install; where it cannot (no compiler or Python headers) emulation still works,
-    # every op in Python, but a fresh install of this project on a supported machine must prove it builds
     assert hot_path.load() is not None, hot_path.unavailable()
 
 
