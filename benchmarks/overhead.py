@@ -144,7 +144,7 @@ def engine_overhead(engine: str, requests: int, layers: int | None = None, repea
         cold = timed(vmodel)
         misses = emu.dispatcher.misses - misses0
         ops0 = emu.dispatcher.ops
-    hits0 = hot_path.counts()["hits"]
+    hits0 = hot_path.served()
     real, warm = [], []
     for _ in range(repeats):
         real.append(timed(model))
@@ -154,7 +154,7 @@ def engine_overhead(engine: str, requests: int, layers: int | None = None, repea
         if steps.n != real_steps:
             raise RuntimeError(f"{engine}: {steps.n} steps emulated, {real_steps} on CPU: not the same run")
     ops = (emu.dispatcher.ops - ops0) // repeats
-    native = (hot_path.counts()["hits"] - hits0) // repeats
+    native = (hot_path.served() - hits0) // repeats
     return {
         "real_cpu_s": min(real), "emulated_s": min(warm), "emulated_cold_s": cold, "ops": ops,
         "misses": misses, "steps": real_steps, "in_cpp": native,

@@ -153,7 +153,6 @@ class Dispatcher:
         self.emu = emu
         self.device = emu.device
         self.allocator = emu.allocator
-        self.launch = emu.clock.launch
         self.cache: dict[tuple, Signature] = {}
         self.loose: dict[tuple, Signature] = {}  # signatures of ops that view no argument, keyed sans offsets
         self.signatures: list[Signature] = []
@@ -277,7 +276,8 @@ class Dispatcher:
         return out
 
     def account(self, sig: Signature) -> None:
-        """One op the C++ hot path ran: counted, on the clock, logged."""
+        """One op run outside the generic path (by the C++ hot path, a kernel launched outside aten):
+        counted, on the clock, logged."""
         self.ops += 1
         self.emu.account(sig)
 
@@ -380,8 +380,7 @@ class Dispatcher:
                 clock.release()
 
         sig = self.external_signature(key, features, price)
-        self.ops += 1
-        self.emu.account(sig)
+        self.account(sig)
         return sig
 
     def _costs(self, key: str, features: dict, dtype) -> tuple[float, float, float]:

@@ -53,7 +53,6 @@ struct State {
   std::unordered_map<const c10::FunctionSchema*, PyObject*> funcs;  // registered ops -> their OpOverload
   std::unique_ptr<torch::Library> lib;
   long long hits = 0;
-  long long misses = 0;
 };
 
 State S;
@@ -322,7 +321,6 @@ void hot(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     to_python(op, stack);
     return;
   }
-  S.misses++;
   auto f = S.funcs.find(&schema);
   PyObject* func = f == S.funcs.end() ? nullptr : f->second;
   if (PyList_SetSlice(S.offered, 0, PY_SSIZE_T_MAX, nullptr) != 0) {
@@ -408,6 +406,4 @@ int revati_hot_register(const char* name, const char* overload, PyObject* func) 
 }
 
 long long revati_hot_hits() { return S.hits; }
-long long revati_hot_misses() { return S.misses; }
-long long revati_hot_size() { return static_cast<long long>(S.cache.size()); }
 }

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from replayer import native
+from replayer import dispatch, native
 from replayer.memory import Storage
 from replayer.tensor import VTensor
 
@@ -59,8 +59,7 @@ def load() -> ctypes.PyDLL | None:
     obj = ctypes.py_object
     lib.revati_hot_enable.argtypes = [obj, obj, obj, obj, obj]
     lib.revati_hot_register.argtypes = [ctypes.c_char_p, ctypes.c_char_p, obj]
-    for name in ("revati_hot_hits", "revati_hot_misses", "revati_hot_size"):
-        getattr(lib, name).restype = ctypes.c_longlong
+    lib.revati_hot_hits.restype = ctypes.c_longlong
     _lib = lib
     return lib
 
@@ -69,7 +68,7 @@ def unavailable() -> str | None:
     return _unavailable
 
 
-def enable(dispatcher, special_ids: set[int]) -> bool:
+def enable(dispatcher) -> bool:
     """Route the registered ops of this process to `dispatcher` through C++; False where it is not built."""
     global _registered
     if os.environ.get("REVATI_HOT_PATH", "1") == "0":
@@ -79,6 +78,7 @@ def enable(dispatcher, special_ids: set[int]) -> bool:
         return False
     if _registered is None:  # once per process: a registration lasts as long as the process
         _registered = set()
+        special_ids = dispatch.special_ids()
         for op in OPS:
             if id(op) in special_ids:  # an op with rules of its own stays in Python
                 continue
@@ -96,10 +96,6 @@ def disable() -> None:
         _lib.revati_hot_disable()
 
 
-def counts() -> dict[str, int]:
-    """Calls served in C++ (hits) and sent to Python to be worked out (misses) in this process so far, and
-    the signatures cached now."""
-    if _lib is None:
-        return {"hits": 0, "misses": 0, "cached": 0}
-    lib = _lib
-    return {"hits": lib.revati_hot_hits(), "misses": lib.revati_hot_misses(), "cached": lib.revati_hot_size()}
+def served() -> int:
+    """Calls the hot path has served itself in this process so far."""
+    return _lib.revati_hot_hits() if _lib is not None else 0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from replayer import cuda as _cuda
-from replayer import dispatch, distributed, hot_path, meta_kernels, native, pipes, sockets, tensor, timewarp
+from replayer import distributed, hot_path, meta_kernels, native, pipes, sockets, tensor, timewarp
 from replayer.clock import Clock, _real_perf_counter, concrete
 from replayer.dispatch import Dispatcher, Signature
 from replayer.memory import Allocator
@@ -161,8 +161,8 @@ class Emulator:
         else:
             tensor.set_dispatch(self.dispatcher.dispatch, self.dispatcher.torch_dispatch)
             # wall mode keeps every op in Python: each is timed as the emulator's (`outside`)
-            self.hot_path = hot_path.enable(self.dispatcher, dispatch.special_ids())
-            self._hot_path_since = hot_path.counts()["hits"]
+            self.hot_path = hot_path.enable(self.dispatcher)
+            self._hot_path_since = hot_path.served()
         _cuda.install(self, self._patch)
         distributed.install(self._patch)
         triton_shim.install(self._patch)
@@ -366,7 +366,7 @@ class Emulator:
 
     def hot_path_ops(self) -> int:
         """Ops the C++ hot path served while this emulator was active (0 where it is not built or is off)."""
-        return self._hot_path_hits + (hot_path.counts()["hits"] - self._hot_path_since if self.active else 0)
+        return self._hot_path_hits + (hot_path.served() - self._hot_path_since if self.active else 0)
 
     def take_op_rows(self) -> dict[str, list]:
         """The op log so far as columns of the trace's `ops` table; the log starts empty again."""

@@ -29,10 +29,10 @@ def test_the_hot_path_builds_and_loads():
 def _served(fn, times: int = 3) -> int:
     """Calls of `fn` after the first that the hot path served itself."""
     fn()
-    before = hot_path.counts()["hits"]
+    before = hot_path.served()
     for _ in range(times):
         fn()
-    return hot_path.counts()["hits"] - before
+    return hot_path.served() - before
 
 
 def _serve_tiny_llama(emulate, monkeypatch, engine: str, hot: bool):
@@ -43,9 +43,9 @@ def _serve_tiny_llama(emulate, monkeypatch, engine: str, hot: bool):
     config.eos_token_id = None
     model = build_model(config, "cuda", torch.bfloat16)
     work = parse_workload("poisson:rate=50,n=6,prompt=lognormal(40,0.5),output=fixed(6),seed=3")
-    before = hot_path.counts()["hits"]
+    before = hot_path.served()
     results = run_engine(engine, model, work.requests)
-    served = hot_path.counts()["hits"] - before
+    served = hot_path.served() - before
     # streams renumbered in order of first use: a process numbers the streams of all its emulators in turn
     streams: dict = {}
     log = [(*row[:6], streams.setdefault(row[6], len(streams)), *row[7:]) for row in emu.ops]
@@ -123,11 +123,11 @@ def test_the_hot_path_keeps_memory_and_the_clock_as_python_does(emulate):
     assert torch.cuda.memory_allocated() == allocated
     a, b = torch.empty(65536, 1024, device="cuda"), torch.empty(1024, 65536, device="cuda")
     kept = [a @ b]  # 16 GiB each: the fifth does not fit in the H100's 80 GB
-    before = hot_path.counts()["hits"]
+    before = hot_path.served()
     with pytest.raises(torch.cuda.OutOfMemoryError, match="CUDA out of memory"):
         for _ in range(9):
             kept.append(a @ b)
-    assert len(kept) == 4 and hot_path.counts()["hits"] - before == 3  # the OOM came from the hot path
+    assert len(kept) == 4 and hot_path.served() - before == 3  # the OOM came from the hot path
 
 
 def test_a_copy_to_the_host_is_still_a_host_tensor_once_copies_on_the_device_are_cached(emulate):
