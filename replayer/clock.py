@@ -130,6 +130,9 @@ class Clock:
         # In a shared time: (t) -> None, called when an actor's host waits for the device (host time t then),
         # for the other processes to catch up to t meanwhile (Tree.catch_up).
         self.synced = None
+        # () -> bool: whether something sent inside this process is still on its way to one of its threads
+        # (loopback bytes, timewarp.py): the reader is about to run, so time may not jump.
+        self.on_its_way = _nothing
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -558,7 +561,7 @@ class Clock:
         """With the lock held: if nobody can make progress, jump to the earliest deadline."""
         if self.tree is not None and self._wake_due():
             return
-        if self._starting or self._held:
+        if self._starting or self._held or self.on_its_way():
             return
         now_real = _real_monotonic()
         stalled: list[str] = []
@@ -625,6 +628,10 @@ class Clock:
         if woke:
             _notify_all(self._cv)
         return woke
+
+
+def _nothing() -> bool:
+    return False
 
 
 def _held_lock() -> threading.Lock:

@@ -24,6 +24,8 @@ import weakref
 from itertools import islice
 from typing import TYPE_CHECKING
 
+import psutil
+
 if TYPE_CHECKING:
     from replayer.session import Emulator, Patcher
 
@@ -32,6 +34,7 @@ _real_wait = threading.Condition.wait
 _real_join = threading.Thread.join
 _real_start = threading.Thread.start
 _real_sleep = time.sleep
+_real_monotonic = _real["monotonic"]
 _REAL_SHARE, _REAL_MAX = 0.01, 1e-3  # a virtual sleep also waits this share of itself in real time, at most
 
 
@@ -146,6 +149,7 @@ def install(emu: Emulator, patch: Patcher) -> None:
     patch.set(threading.Thread, "join", join)
     patch.set(threading, "_time", time.monotonic)
     _install_loopback_accounting(patch)
+    emu.clock.on_its_way = _Loopback.on_its_way
     patch.set(queue, "time", time.monotonic)
     # The C SimpleQueue blocks where the clock cannot see (thread pools wait on one for work); the pure
     # Python one waits on a condition, in virtual time. Queues made while emulating get it.
@@ -202,32 +206,57 @@ def install(emu: Emulator, patch: Patcher) -> None:
 
 
 class _Loopback:
-    """Bytes sent over loopback sockets and not yet received: a server and its load generator in this
-    process talk through the kernel, and a byte in flight must arrive at the virtual instant it was sent
-    (the loop may not idle, and time may not move, while one is on its way)."""
+    """Bytes sent over loopback to a socket of this process and not yet received: a server and its load
+    generator in this process talk through the kernel, and a byte in flight must arrive at the virtual instant
+    it was sent (the loop may not idle, and time may not jump, while one is on its way). Bytes to another
+    process are not counted: nothing here waits for them."""
 
     in_flight = 0
+    last_sent = 0.0  # real time of the last counted send
     _lock = threading.Lock()
     _peers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _local: set = set()  # addresses (ip, port) of TCP sockets of this process seen so far
 
     @classmethod
     def counts(cls, sock) -> bool:
         local = cls._peers.get(sock)
         if local is None:
-            try:
-                host = sock.getpeername()[0]
-            except (OSError, IndexError, TypeError):
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
                 return False
-            local = cls._peers[sock] = host in ("127.0.0.1", "::1", "localhost")
+            try:
+                peer, own = tuple(sock.getpeername()[:2]), tuple(sock.getsockname()[:2])
+            except OSError:
+                return False
+            local = cls._peers[sock] = peer[0] in ("127.0.0.1", "::1") and cls._ours(peer, own)
         return local
+
+    @classmethod
+    def _ours(cls, peer: tuple, own: tuple) -> bool:
+        """Whether `peer` is the address of a socket of this process (its listener or its connection)."""
+        cls._local.add(own)
+        if peer not in cls._local:
+            try:
+                cls._local.update(tuple(c.laddr) for c in psutil.Process().net_connections("tcp") if c.laddr)
+            except (psutil.Error, OSError):  # no way to tell: count it, as for a peer of ours
+                return True
+        return peer in cls._local
 
     @classmethod
     def add(cls, n: int) -> None:
         with cls._lock:
             cls.in_flight = max(0, cls.in_flight + n)
+            if n > 0:
+                cls.last_sent = _real_monotonic()
+
+    @classmethod
+    def on_its_way(cls) -> bool:
+        """Whether counted bytes wait for their reader, sent less than _LOOPBACK_HOLD ago (real time): bytes
+        that nobody reads (a connection closed before its last bytes were read) hold time back no longer."""
+        return cls.in_flight > 0 and _real_monotonic() - cls.last_sent < _LOOPBACK_HOLD
 
 
-_LOOPBACK_WAIT = 0.05  # s of real time at most, for bytes that never come (a peer in another process)
+_LOOPBACK_WAIT = 0.05  # s of real time a select waits for counted bytes to reach its own sockets
+_LOOPBACK_HOLD = 1.0  # s of real time at most that counted bytes keep time from jumping (`on_its_way`)
 
 
 def _await_loopback_bytes(sel) -> list:

@@ -15,6 +15,7 @@ import torch
 from replayer import clock
 from replayer.clock import _ACTOR_GRACE
 
+_real_sleep = time.sleep
 _real_perf_counter = time.perf_counter  # wall time, captured before any emulator patches `time`
 
 D = 1e-3  # seconds one aten::mm keeps its stream busy
@@ -455,3 +456,90 @@ def test_loopback_bytes_read_by_another_thread_before_the_send_returns_are_not_l
     for s in (server, client, listener):
         s.close()
     assert _Loopback.in_flight == 0
+
+
+def test_time_does_not_jump_while_loopback_bytes_wait_for_a_reader_slow_to_wake(emulate):
+    # transformers serve 5.25: the load generator sends a request to the server's loop (its own thread), then
+    # sleeps until the next arrival. On a loaded machine the server's thread may not run for a while after
+    # the bytes land; had time jumped to the next arrival meanwhile, the server would read the request then.
+    import selectors
+    import socket
+
+    emu = emulate()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    sel = selectors.DefaultSelector()
+    sel.register(server, selectors.EVENT_READ)
+    read_at = []
+
+    def reader():
+        def slow(seconds):  # the thread gets the CPU 0.3 s (real) after the bytes landed
+            if sel.select(seconds):
+                _real_sleep(0.3)
+                return True
+            return False
+
+        emu.clock.block(None, None, wait=slow)
+        server.recv(64)
+        read_at.append(time.monotonic())
+
+    def sender():
+        _real_sleep(0.05)  # the reader blocks first
+        client.sendall(b"GET")
+        time.sleep(1.0)  # the next arrival
+
+    t0 = time.monotonic()
+    _run(reader, sender)
+    for s in (server, client, listener):
+        s.close()
+    assert [t - t0 for t in read_at] == [0.0]
+
+
+def test_loopback_bytes_nobody_reads_hold_time_back_for_a_moment_only(emulate):
+    import socket
+
+    from replayer.timewarp import _LOOPBACK_HOLD
+
+    emulate()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    client.sendall(b"never read")
+    wall, t0 = _real_perf_counter(), time.monotonic()
+    time.sleep(5.0)
+    waited = _real_perf_counter() - wall
+    for s in (server, client, listener):
+        s.close()
+    assert time.monotonic() - t0 == 5.0
+    assert 0.5 * _LOOPBACK_HOLD < waited < 3 * _LOOPBACK_HOLD
+
+
+def test_loopback_bytes_to_another_process_are_not_waited_for(emulate):
+    import socket
+    import subprocess
+    import sys
+
+    from replayer.timewarp import _Loopback
+
+    serve = (
+        "import socket, sys; l = socket.create_server(('127.0.0.1', 0)); print(l.getsockname()[1]); "
+        "sys.stdout.flush(); c, _ = l.accept(); sys.stdin.read()"
+    )
+    other = subprocess.Popen([sys.executable, "-c", serve], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    port = int(other.stdout.readline())
+    emulate()
+    try:
+        theirs = socket.create_connection(("127.0.0.1", port))
+        listener = socket.create_server(("127.0.0.1", 0))
+        ours = socket.create_connection(listener.getsockname())
+        assert _Loopback.counts(ours) and not _Loopback.counts(theirs)
+        theirs.sendall(b"never read")
+        wall = _real_perf_counter()
+        time.sleep(5.0)
+        assert _real_perf_counter() - wall < 0.5
+        for s in (theirs, ours, listener):
+            s.close()
+    finally:
+        other.kill()
+        other.wait()
