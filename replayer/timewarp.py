@@ -60,20 +60,22 @@ def install(emu: Emulator, patch: Patcher) -> None:
     clock = emu.clock
     bases = clock_bases()
 
+    # Read as the real clocks are, in whole nanoseconds: the same virtual instant, reached by sums in another
+    # order (a jump to a deadline, or launches), reads the same however its last bits came out.
     def reader(name):
-        base = bases[name]
+        base = round(bases[name]) * 1_000_000_000
 
         def read():
-            return base + clock.read()
+            return (base + round(clock.read() * 1e9)) / 1e9
 
         read.__name__ = name
         return read
 
     def reader_ns(name):
-        base = bases[name]
+        base = round(bases[name]) * 1_000_000_000
 
         def read_ns():
-            return int((base + clock.read()) * 1e9)
+            return base + round(clock.read() * 1e9)
 
         read_ns.__name__ = name + "_ns"
         return read_ns

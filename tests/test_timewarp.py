@@ -44,6 +44,19 @@ def test_sleep_advances_virtual_time_exactly_and_costs_no_wall_time(emulate):
     assert _real_perf_counter() - wall < 0.5
 
 
+def test_clocks_read_whole_nanoseconds_however_the_instant_was_summed(emulate):
+    # One virtual instant, reached by launches in one run and by a jump to a deadline in another, differs in
+    # its last bits; read as a real clock reads (whole ns), both runs see the same time, as deterministic mode
+    # promises (with the base's bits added, they read a few ps apart)
+    emu = emulate()
+    t0, t0_ns = time.perf_counter(), time.perf_counter_ns()
+    emu.clock.advance(1.0)
+    exact = time.perf_counter(), time.perf_counter_ns()
+    emu.clock.advance(2e-10)  # the same instant, summed otherwise
+    assert (time.perf_counter(), time.perf_counter_ns()) == exact
+    assert exact[0] - t0 == 1.0 and exact[1] - t0_ns == 1_000_000_000
+
+
 def test_polling_in_short_sleeps_lets_real_time_pass_for_what_the_os_does_meanwhile(emulate):
     # SGLang's shutdown waits up to 60 s, in 0.1 s sleeps, for killed children to exit: were each sleep
     # free, the 60 virtual seconds would pass before the kernel had reaped them
