@@ -267,7 +267,7 @@ class Dispatcher:
                 out._vstorage = base._vstorage
                 out._value = value
                 if id(func) in self.hot_ids and sig.key != _ATTENTION:
-                    self._offer(func, sig, meta, None, False)
+                    self._offer(func, sig, meta, None, sig.value_ok and len(tensors) == 1)
             else:
                 out = self._outputs(sig, func, args, kwargs, tensors)
         stream = self.emu.account(sig)
@@ -281,10 +281,18 @@ class Dispatcher:
         self.ops += 1
         self.emu.account(sig)
 
-    def _offer(self, func, sig: Signature, meta: Meta, storage_args: tuple | None, small: bool) -> None:
-        """What the C++ hot path needs to serve this call's signature itself (see replayer.hot_path)."""
+    def account_value(self, sig: Signature) -> None:
+        """`account`, for an op whose value the C++ hot path computed."""
+        self.value_ops += 1
+        self.ops += 1
+        self.emu.account(sig)
+
+    def _offer(self, func, sig: Signature, meta: Meta, storage_args: tuple | None, values: bool) -> None:
+        """What the C++ hot path needs to serve this call's signature itself (see replayer.hot_path).
+        `values`: the output's value is computed from its inputs' whenever they all hold one (for a new
+        output: a small one, else a view of the first argument)."""
         wrap_args = (VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device)
-        self.offer[:] = (func, sig, meta, wrap_args, storage_args, small, threading.get_ident())
+        self.offer[:] = (func, sig, meta, wrap_args, storage_args, values, threading.get_ident())
 
     def _follow_lengths(self, sig: Signature, func, args, kwargs, duration: float) -> None:
         """An attention kernel captured into a CUDA graph reads its sequence lengths (`seqused_k`) from a
@@ -493,6 +501,9 @@ class Dispatcher:
         graph = self.emu.clock.capturing() if (with_values or func in _TOKEN_OPS) else None
         if with_values:
             self.value_ops += 1
+            meta = sig.small_new
+            if meta is not None and graph is None and id(func) in self.hot_ids and func not in _ALLOCATIONS:
+                self._offer(func, sig, meta, (meta.nbytes, self.allocator, None), True)
             # Capturing records kernels without running them: a mutating op computes on copies then.
             if func in _ALLOCATIONS:  # memory, no kernel: zeros (see _ALLOCATIONS); no rerun on replays
                 real = torch.zeros_like(func(*_cpu_args(args), **_cpu_kwargs(kwargs)))

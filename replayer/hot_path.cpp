@@ -33,7 +33,7 @@ struct Entry {
   PyObject* meta;          // the output's Meta: its `_d`
   PyObject* wrap_args;     // the output's arguments to `_make_wrapper_subclass`
   PyObject* storage_args;  // (nbytes, allocator, None) for a new output; None for a view of the first argument
-  bool small;              // a small output: made here only while some input has no value
+  bool values;             // the output's value is computed from the inputs' when they all hold one
 };
 
 struct State {
@@ -42,13 +42,16 @@ struct State {
   PyObject* make_wrapper = nullptr;  // torch.Tensor._make_wrapper_subclass
   PyObject* storage = nullptr;       // replayer.memory.Storage
   PyObject* account = nullptr;       // account(sig): the launch on the clock, the op counted and logged
-  // a list Python's generic path fills: [func, sig, meta, wrap_args, storage_args, small, thread ident]
+  PyObject* account_value = nullptr;  // the same, for an op whose value was computed here
+  PyObject* clock = nullptr;          // its `captures`: threads capturing a CUDA graph (values then in Python)
+  // a list Python's generic path fills: [func, sig, meta, wrap_args, storage_args, values, thread ident]
   PyObject* offered = nullptr;
   PyObject* s_d = nullptr;
   PyObject* s_n = nullptr;
   PyObject* s_vstorage = nullptr;
   PyObject* s_value = nullptr;
   PyObject* s_value_of_storage = nullptr;
+  PyObject* s_captures = nullptr;
   std::unordered_map<std::string, Entry> cache;
   std::unordered_map<const c10::FunctionSchema*, PyObject*> funcs;  // registered ops -> their OpOverload
   std::unique_ptr<torch::Library> lib;
@@ -109,11 +112,27 @@ bool put_tensor(std::string& key, const at::Tensor& t) {
     return true;
   }
   long long n = number(t);
-  if (n < 0) {
+  if (n >= 0) {
+    put(key, 't', n);
+    return true;
+  }
+  // A Python number the op takes as a tensor (`x + 1e-5`: a 0-dim wrapped number): keyed by its value.
+  if (!t.unsafeGetTensorImpl()->is_wrapped_number() || !t.is_cpu()) {
     return false;
   }
-  put(key, 't', n);
-  return true;
+  switch (t.scalar_type()) {
+    case at::kDouble:
+      put(key, 'F', *t.const_data_ptr<double>());
+      return true;
+    case at::kLong:
+      put(key, 'I', *t.const_data_ptr<int64_t>());
+      return true;
+    case at::kBool:
+      put(key, 'B', *t.const_data_ptr<bool>());
+      return true;
+    default:
+      return false;
+  }
 }
 
 // Append an argument's part of the key; false for an argument the hot path does not key.
@@ -188,6 +207,9 @@ bool is_set(PyObject* obj, PyObject* name) {
 
 // Whether a virtual tensor holds a value: its own (`_value`) and its storage's (`_vstorage.value`).
 bool valued(const at::Tensor& t) {
+  if (t.is_cpu()) {
+    return true;  // a Python number (a wrapped number: the only host tensor a key admits)
+  }
   PyObject* obj = python_object(t);
   if (!is_set(obj, S.s_value)) {
     return false;
@@ -219,30 +241,99 @@ bool all_valued(torch::jit::Stack* stack, size_t nargs) {
   return true;
 }
 
-// A cached op: the output made here, the launch accounted in Python. False: let Python do it (a view of a
-// tensor that has a value computes that value's view too).
-bool run(const Entry& e, torch::jit::Stack* stack, size_t nargs) {
-  if (e.small && all_valued(stack, nargs)) {
-    return false;  // Python computes its value
+// The value of a virtual tensor (`_value`, a CPU tensor), for a tensor that holds one.
+at::Tensor value_of(const at::Tensor& t) {
+  PyObject* v = PyObject_GetAttr(python_object(t), S.s_value);
+  if (v == nullptr) {
+    throw python_error();
   }
+  at::Tensor value = THPVariable_Unpack(v);
+  Py_DECREF(v);
+  return value;
+}
+
+// The op run on the arguments' values (the CPU tensors every virtual one among them holds): the output's value,
+// as Python's path computes it.
+PyObject* compute(const c10::OperatorHandle& op, torch::jit::Stack* stack, size_t nargs) {
+  torch::jit::Stack cpu;
+  cpu.reserve(nargs);
+  for (const auto& v : torch::jit::last(*stack, nargs)) {
+    if (v.isTensor() && v.toTensor().defined() && !v.toTensor().is_cpu()) {
+      cpu.emplace_back(value_of(v.toTensor()));
+    } else if (v.isTensorList()) {
+      c10::List<at::Tensor> values;
+      for (const auto& t : v.toListRef()) {
+        values.push_back(value_of(t.toTensor()));
+      }
+      cpu.emplace_back(std::move(values));
+    } else if (v.isDevice()) {
+      cpu.emplace_back(c10::Device(c10::kCPU));
+    } else {
+      cpu.push_back(v);
+    }
+  }
+  {
+    c10::impl::ExcludeDispatchKeyGuard guard(kBelowPython);  // as __torch_dispatch__ runs
+    op.callBoxed(cpu);
+  }
+  return THPVariable_Wrap(cpu.at(0).toTensor());
+}
+
+bool capturing() {
+  PyObject* n = PyObject_GetAttr(S.clock, S.s_captures);
+  if (n == nullptr) {
+    throw python_error();
+  }
+  bool yes = n != Py_None && PyObject_IsTrue(n);
+  Py_DECREF(n);
+  return yes;
+}
+
+// A cached op: the output made here, the launch accounted in Python. False: let Python do it (a value it
+// computes otherwise, a graph being captured).
+bool run(const c10::OperatorHandle& op, const Entry& e, torch::jit::Stack* stack, size_t nargs) {
   PyObject* storage = nullptr;
+  PyObject* value = nullptr;  // a new reference, or null: no value
   std::optional<c10::InferenceMode> outside;
-  if (e.storage_args == Py_None) {
+  if (e.storage_args == Py_None) {  // a view of the first argument: the same view of its value
     const at::Tensor& base = torch::jit::peek(*stack, 0, nargs).toTensor();
+    if (base.is_cpu()) {
+      return false;
+    }
     PyObject* obj = python_object(base);
     if (is_set(obj, S.s_value)) {
-      return false;
+      if (!e.values || !valued(base)) {
+        return false;
+      }
+      value = compute(op, stack, nargs);
     }
     storage = PyObject_GetAttr(obj, S.s_vstorage);
     if (storage == nullptr) {
+      Py_XDECREF(value);
       throw python_error();
     }
     if (c10::InferenceMode::is_enabled() && !base.is_inference()) {
       outside.emplace(false);  // a view of a tensor made outside inference mode is not an inference tensor
     }
   } else {
-    storage = PyObject_Call(S.storage, e.storage_args, nullptr);  // may raise the virtual OutOfMemoryError
+    PyObject* args = e.storage_args;
+    if (e.values && all_valued(stack, nargs)) {  // a small output: its value, computed now
+      if (capturing()) {
+        return false;  // Python records it to be computed again at each replay
+      }
+      value = compute(op, stack, nargs);
+      args = PyTuple_Pack(3, PyTuple_GET_ITEM(e.storage_args, 0), PyTuple_GET_ITEM(e.storage_args, 1), Py_True);
+      if (args == nullptr) {
+        Py_DECREF(value);
+        throw python_error();
+      }
+    }
+    storage = PyObject_Call(S.storage, args, nullptr);  // may raise the virtual OutOfMemoryError
+    if (args != e.storage_args) {
+      Py_DECREF(args);
+    }
     if (storage == nullptr) {
+      Py_XDECREF(value);
       throw python_error();
     }
   }
@@ -250,19 +341,22 @@ bool run(const Entry& e, torch::jit::Stack* stack, size_t nargs) {
   outside.reset();
   if (out == nullptr) {
     Py_DECREF(storage);
+    Py_XDECREF(value);
     throw python_error();
   }
   try {
     set(out, S.s_d, e.meta);
     set(out, S.s_vstorage, storage);
-    set(out, S.s_value, Py_None);
+    set(out, S.s_value, value != nullptr ? value : Py_None);
   } catch (...) {
     Py_DECREF(storage);
+    Py_XDECREF(value);
     Py_DECREF(out);
     throw;
   }
   Py_DECREF(storage);
-  PyObject* r = PyObject_CallOneArg(S.account, e.sig);
+  PyObject* r = PyObject_CallOneArg(value != nullptr ? S.account_value : S.account, e.sig);
+  Py_XDECREF(value);
   if (r == nullptr) {
     Py_DECREF(out);
     throw python_error();
@@ -314,7 +408,7 @@ void hot(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   }
   auto it = S.cache.find(key);
   if (it != S.cache.end()) {
-    if (run(it->second, stack, nargs)) {
+    if (run(op, it->second, stack, nargs)) {
       S.hits++;
       return;
     }
@@ -352,10 +446,10 @@ void keep(PyObject*& slot, PyObject* value) {
 
 extern "C" {
 
-// Route the registered ops here: vtensor (the class), make_wrapper, storage (the class), account(sig), and
-// the list Python's generic path fills with what it decided.
+// Route the registered ops here: vtensor (the class), make_wrapper, storage (the class), account(sig),
+// account_value(sig), the clock, and the list Python's generic path fills with what it decided.
 void revati_hot_enable(PyObject* vtensor, PyObject* make_wrapper, PyObject* storage, PyObject* account,
-                       PyObject* offered) {
+                       PyObject* account_value, PyObject* clock, PyObject* offered) {
   if (offered != S.offered) {
     clear();  // another emulator's signatures
   }
@@ -363,6 +457,8 @@ void revati_hot_enable(PyObject* vtensor, PyObject* make_wrapper, PyObject* stor
   keep(S.make_wrapper, make_wrapper);
   keep(S.storage, storage);
   keep(S.account, account);
+  keep(S.account_value, account_value);
+  keep(S.clock, clock);
   keep(S.offered, offered);
   if (S.s_d == nullptr) {
     S.s_d = PyUnicode_InternFromString("_d");
@@ -370,6 +466,7 @@ void revati_hot_enable(PyObject* vtensor, PyObject* make_wrapper, PyObject* stor
     S.s_vstorage = PyUnicode_InternFromString("_vstorage");
     S.s_value = PyUnicode_InternFromString("_value");
     S.s_value_of_storage = PyUnicode_InternFromString("value");
+    S.s_captures = PyUnicode_InternFromString("captures");
   }
   S.on = true;
 }

@@ -22,7 +22,8 @@ from replayer.tensor import VTensor
 
 aten = torch.ops.aten
 
-# Ops whose outputs are mostly new tensors without values, or views: what a model's layers issue.
+# Ops whose outputs are mostly new tensors or views: what a model's layers issue, and the small computations
+# on tensors with values around them.
 OPS = (
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.mul.Scalar,
     aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -35,6 +36,11 @@ OPS = (
     aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
     aten.permute.default, aten.alias.default, aten.detach.default, aten.as_strided.default,
     aten._to_copy.default,
+    # what serving code computes on small tensors with values: masks, stopping criteria
+    aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor, aten.lt.Scalar, aten.le.Scalar,
+    aten.gt.Scalar, aten.ge.Scalar, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default,
+    aten.logical_not.default, aten.max.default, aten.min.default, aten.any.default, aten.all.default,
+    aten.cumsum.default, aten.masked_fill.Scalar,
 )  # fmt: skip
 
 _lib: ctypes.PyDLL | None = None
@@ -57,7 +63,7 @@ def load() -> ctypes.PyDLL | None:
         print(f"revati: {_unavailable}; every op is emulated in Python (slower)", file=sys.stderr)
         return None
     obj = ctypes.py_object
-    lib.revati_hot_enable.argtypes = [obj, obj, obj, obj, obj]
+    lib.revati_hot_enable.argtypes = [obj] * 7
     lib.revati_hot_register.argtypes = [ctypes.c_char_p, ctypes.c_char_p, obj]
     lib.revati_hot_hits.restype = ctypes.c_longlong
     _lib = lib
@@ -87,7 +93,8 @@ def enable(dispatcher) -> bool:
                 _registered.add(id(op))
     dispatcher.hot_ids = _registered
     make = torch.Tensor._make_wrapper_subclass
-    lib.revati_hot_enable(VTensor, make, Storage, dispatcher.account, dispatcher.offer)
+    account, value = dispatcher.account, dispatcher.account_value
+    lib.revati_hot_enable(VTensor, make, Storage, account, value, dispatcher.emu.clock, dispatcher.offer)
     return True
 
 

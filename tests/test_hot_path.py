@@ -49,6 +49,7 @@ def _serve_tiny_llama(emulate, monkeypatch, engine: str, hot: bool):
     # streams renumbered in order of first use: a process numbers the streams of all its emulators in turn
     streams: dict = {}
     log = [(*row[:6], streams.setdefault(row[6], len(streams)), *row[7:]) for row in emu.ops]
+    log.append(("values computed", emu.dispatcher.value_ops))
     emu.deactivate()
     return results, log, served
 
@@ -81,8 +82,43 @@ def test_a_view_of_a_tensor_with_a_value_gets_the_value_of_the_view(emulate):
     unknown = torch.empty(10, device="cuda").long()
     assert _served(lambda: unknown[2:5]) == 3
     known = torch.arange(10, device="cuda")  # same metadata, a value
-    for _ in range(2):
-        assert known[2:5].tolist() == [2, 3, 4]
+    assert _served(lambda: known[2:5]) == 3
+    assert known[2:5].tolist() == [2, 3, 4]
+    view = known[2:5]
+    known.add_(10)  # the view's value shares the value's memory, as a view shares the tensor's
+    assert view.tolist() == [12, 13, 14]
+
+
+def test_small_computations_on_values_are_served_with_their_values_and_counted(emulate):
+    # a decoding loop's masks and stopping checks: eq, bitwise ops, a Python number added (a wrapped number,
+    # keyed by its value: `x + 1` and `x + 2` are not the same call)
+    emu = emulate()
+    done = torch.tensor([False, True, False], device="cuda")
+    lengths = torch.tensor([3, 7, 9], device="cuda")
+    value_ops = emu.dispatcher.value_ops
+    assert _served(lambda: (lengths == 7) | done) == 6
+    assert ((lengths == 7) | done).tolist() == [False, True, False]
+    assert ((lengths == 9) | done).tolist() == [False, True, True]
+    assert (~done & (lengths > 5)).tolist() == [False, False, True]
+    assert _served(lambda: lengths + 1) == 3
+    assert (lengths + 1).tolist() == [4, 8, 10] and (lengths + 2).tolist() == [5, 9, 11]
+    assert (lengths * 0.5).tolist() == [1.5, 3.5, 4.5]
+    assert emu.dispatcher.value_ops - value_ops == 4 * 2 + 2 + 2 + 3 + 4 + 2 + 1  # one per op above
+
+
+def test_a_computation_on_values_captured_into_a_graph_is_computed_again_at_each_replay(emulate):
+    emulate()
+    pos = torch.tensor([0, 1, 2], device="cuda")
+    assert _served(lambda: pos + 1) == 3  # cached before the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        nxt = pos + 1
+        pos.add_(1)
+    assert nxt.tolist() == [1, 2, 3] and pos.tolist() == [0, 1, 2]
+    g.replay()
+    assert nxt.tolist() == [1, 2, 3] and pos.tolist() == [1, 2, 3]
+    g.replay()
+    assert nxt.tolist() == [2, 3, 4] and pos.tolist() == [2, 3, 4]
 
 
 def test_a_view_made_in_inference_mode_of_a_tensor_made_outside_it_is_not_an_inference_tensor(emulate):
