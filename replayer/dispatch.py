@@ -284,8 +284,7 @@ class Dispatcher:
     def account_value(self, sig: Signature) -> None:
         """`account`, for an op whose value the C++ hot path computed."""
         self.value_ops += 1
-        self.ops += 1
-        self.emu.account(sig)
+        self.account(sig)
 
     def _offer(self, func, sig: Signature, meta: Meta, storage_args: tuple | None, values: bool) -> None:
         """What the C++ hot path needs to serve this call's signature itself (see replayer.hot_path).
