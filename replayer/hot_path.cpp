@@ -284,7 +284,7 @@ bool capturing() {
   if (n == nullptr) {
     throw python_error();
   }
-  bool yes = n != Py_None && PyObject_IsTrue(n);
+  bool yes = PyObject_IsTrue(n);
   Py_DECREF(n);
   return yes;
 }

@@ -1,11 +1,12 @@
 """The hot path in C++ (hot_path.cpp): an op whose signature is cached runs without entering Python.
 
 The common ops are registered on the Python dispatch key in place of PyTorch's Python fallback. A call keys
-itself on its arguments in C++; on a hit it makes its output there and calls `Dispatcher.account` for the
-clock, on a miss it goes to `VTensor.__torch_dispatch__` as before, whose generic path offers what it
-decided (`Dispatcher.offer`). That spares ~3 µs of the ~7 µs an op costs in Python: the serving code of
-the leanest engines issues an op every few µs. Without a compiler or Python's headers, or with
-`REVATI_HOT_PATH=0`, every op is emulated in Python, with the same results.
+itself on its arguments in C++; on a hit it makes its output there (with its value, the CPU op run on the
+inputs' values, for a small result of inputs that all hold one or a view of a tensor that holds one) and
+calls `Dispatcher.account` for the clock; on a miss it goes to `VTensor.__torch_dispatch__` as before,
+whose generic path offers what it decided (`Dispatcher.offer`). That spares ~3 µs of the ~7 µs an op costs
+in Python: the serving code of the leanest engines issues an op every few µs. Without a compiler or
+Python's headers, or with `REVATI_HOT_PATH=0`, every op is emulated in Python, with the same results.
 """
 
 from __future__ import annotations

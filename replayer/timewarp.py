@@ -62,15 +62,6 @@ def install(emu: Emulator, patch: Patcher) -> None:
 
     # Read as the real clocks are, in whole nanoseconds: the same virtual instant, reached by sums in another
     # order (a jump to a deadline, or launches), reads the same however its last bits came out.
-    def reader(name):
-        base = round(bases[name]) * 1_000_000_000
-
-        def read():
-            return (base + round(clock.read() * 1e9)) / 1e9
-
-        read.__name__ = name
-        return read
-
     def reader_ns(name):
         base = round(bases[name]) * 1_000_000_000
 
@@ -79,6 +70,15 @@ def install(emu: Emulator, patch: Patcher) -> None:
 
         read_ns.__name__ = name + "_ns"
         return read_ns
+
+    def reader(name):
+        read_ns = reader_ns(name)
+
+        def read():
+            return read_ns() / 1e9
+
+        read.__name__ = name
+        return read
 
     def sleep(seconds):
         if seconds < 0:
@@ -316,6 +316,7 @@ def _install_loopback_accounting(patch: Patcher) -> None:
     patch.set(socket.socket, "recv", recv)
     patch.set(socket.socket, "recv_into", recv_into)
     _Loopback.in_flight = 0
+    _Loopback._local.clear()  # an earlier emulation's ports may be another process's now
 
 
 class _VirtualSelector(selectors.BaseSelector):
