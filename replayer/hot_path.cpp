@@ -8,6 +8,7 @@
 // Python drives it through ctypes (replayer/hot_path.py); every entry point expects the GIL held.
 #include <Python.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <c10/core/InferenceMode.h>
@@ -15,6 +16,8 @@
 #include <c10/core/impl/PyInterpreter.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/pybind11.h>
+#include <torch/csrc/Device.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
@@ -28,12 +31,23 @@
 
 namespace {
 
+// The output's tensor, as `_make_wrapper_subclass(VTensor, shape, stride, offset, None, dtype, strided, device)`
+// makes it: read once from those arguments.
+struct Layout {
+  std::vector<int64_t> sizes, strides;
+  int64_t offset = 0;
+  size_t nbytes = 0;  // the wrapper's own (data-less) storage: what its sizes and strides reach
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::Device(at::kCPU);
+};
+
 struct Entry {
   PyObject* sig;           // the Signature, handed to `account`
   PyObject* meta;          // the output's Meta: its `_d`
   PyObject* wrap_args;     // the output's arguments to `_make_wrapper_subclass`
   PyObject* storage_args;  // (nbytes, allocator, None) for a new output; None for a view of the first argument
   bool values;             // the output's value is computed from the inputs' when they all hold one
+  Layout layout;
 };
 
 struct State {
@@ -279,6 +293,72 @@ PyObject* compute(const c10::OperatorHandle& op, torch::jit::Stack* stack, size_
   return THPVariable_Wrap(cpu.at(0).toTensor());
 }
 
+// Whether this torch wraps a tensor in a given Python class (`THPVariable_Wrap(tensor, type)`, as its own
+// `_make_wrapper_subclass` does). Where it does not, outputs are made by calling that from here.
+template <typename T>
+concept WrapsAs = requires(const T& t, PyTypeObject* type) { THPVariable_Wrap(t, type); };
+constexpr bool kWrapsAs = WrapsAs<at::TensorBase>;
+
+template <typename T>
+PyObject* wrap_as(const T& t, PyObject* type) {
+  if constexpr (WrapsAs<T>) {
+    return THPVariable_Wrap(t, reinterpret_cast<PyTypeObject*>(type));
+  } else {
+    return nullptr;
+  }
+}
+
+// A new VTensor with the layout, over no data: what `_make_wrapper_subclass` makes, without its argument
+// parser (half an op's cost here).
+PyObject* make_output(const Entry& e) {
+  if constexpr (!kWrapsAs) {
+    return PyObject_Call(S.make_wrapper, e.wrap_args, nullptr);
+  }
+  const Layout& l = e.layout;
+  at::Tensor t;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    c10::Storage storage{c10::Storage::use_byte_size_t{}, static_cast<int64_t>(l.nbytes),
+                         at::DataPtr{nullptr, l.device}, c10::GetAllocator(c10::kMeta), /*resizable=*/true};
+    auto options = at::TensorOptions().dtype(l.dtype).device(l.device).layout(at::kStrided);
+    t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(options.computeDispatchKey()),
+                                                 options.dtype());
+    t.unsafeGetTensorImpl()->set_sizes_and_strides(l.sizes, l.strides, l.offset);
+  }
+  t.unsafeGetTensorImpl()->set_python_dispatch(true);
+  return wrap_as(t, S.vtensor);
+}
+
+// The layout `_make_wrapper_subclass`'s arguments describe; false for arguments of another form.
+bool read_layout(PyObject* args, Layout& l) {
+  if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 8) {
+    return false;
+  }
+  PyObject* dtype = PyTuple_GET_ITEM(args, 5);
+  PyObject* device = PyTuple_GET_ITEM(args, 7);
+  if (!THPDtype_Check(dtype) || !THPDevice_Check(device)) {
+    return false;
+  }
+  for (auto [i, out] : {std::pair{1, &l.sizes}, std::pair{2, &l.strides}}) {
+    PyObject* seq = PyTuple_GET_ITEM(args, i);
+    if (!PyTuple_Check(seq)) {  // torch.Size is a tuple
+      return false;
+    }
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(seq); j++) {
+      out->push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(seq, j)));
+    }
+  }
+  l.offset = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 3));
+  if (PyErr_Occurred() || l.sizes.size() != l.strides.size()) {
+    PyErr_Clear();
+    return false;
+  }
+  l.dtype = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
+  l.device = reinterpret_cast<THPDevice*>(device)->device;
+  l.nbytes = at::detail::computeStorageNbytes(l.sizes, l.strides, c10::elementSize(l.dtype), l.offset);
+  return true;
+}
+
 bool capturing() {
   PyObject* n = PyObject_GetAttr(S.clock, S.s_captures);
   if (n == nullptr) {
@@ -337,7 +417,7 @@ bool run(const c10::OperatorHandle& op, const Entry& e, torch::jit::Stack* stack
       throw python_error();
     }
   }
-  PyObject* out = PyObject_Call(S.make_wrapper, e.wrap_args, nullptr);
+  PyObject* out = make_output(e);
   outside.reset();
   if (out == nullptr) {
     Py_DECREF(storage);
@@ -379,7 +459,10 @@ void take_offer(std::string key, PyObject* func) {
     return;  // another thread's op, offered while this one was in Python
   }
   Entry e{PyList_GET_ITEM(o, 1), PyList_GET_ITEM(o, 2), PyList_GET_ITEM(o, 3), PyList_GET_ITEM(o, 4),
-          PyList_GET_ITEM(o, 5) == Py_True};
+          PyList_GET_ITEM(o, 5) == Py_True, {}};
+  if (kWrapsAs && !read_layout(e.wrap_args, e.layout)) {
+    return;
+  }
   if (S.cache.emplace(std::move(key), e).second) {  // else another thread filed it meanwhile
     Py_INCREF(e.sig);
     Py_INCREF(e.meta);
@@ -503,4 +586,8 @@ int revati_hot_register(const char* name, const char* overload, PyObject* func) 
 }
 
 long long revati_hot_hits() { return S.hits; }
+
+// Whether outputs are made in C++ (1) or by calling `_make_wrapper_subclass` (0: a torch without
+// `THPVariable_Wrap(tensor, type)`).
+int revati_hot_wraps() { return kWrapsAs; }
 }

@@ -66,6 +66,34 @@ def test_a_run_served_by_the_hot_path_logs_the_same_ops_at_the_same_times_as_one
     assert log == py_log  # op by op: signature, host time, host cost, start, duration, stream, step
 
 
+def _looks(t: torch.Tensor) -> tuple:
+    """Everything about a tensor that code can see, but its contents."""
+    keys = str(torch._C._dispatch_keys(t))
+    return (type(t), t.shape, t.stride(), t.storage_offset(), t.dtype, t.device, t.untyped_storage().nbytes(),
+            t.requires_grad, t.is_inference(), t._is_view(), t._d, keys)  # fmt: skip
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x[1:, 2:5].t(),  # a view at an offset
+    lambda x: torch.cat([x, x], 1),  # a new tensor
+    lambda x: x.to(torch.bfloat16).unsqueeze(0).expand(3, -1, -1),  # zero strides
+])  # fmt: skip
+def test_an_output_the_hot_path_makes_looks_exactly_like_the_one_python_makes(emulate, monkeypatch, make):
+    def outputs(hot: bool) -> list:
+        monkeypatch.setenv("REVATI_HOT_PATH", "1" if hot else "0")
+        emu = emulate()
+        x = torch.empty(4, 6, device="cuda")
+        before = hot_path.served()
+        out = [_looks(make(x)) for _ in range(3)]
+        with torch.inference_mode():
+            out += [_looks(make(torch.empty(4, 6, device="cuda"))) for _ in range(3)]
+        assert (hot_path.served() > before) is hot
+        emu.deactivate()
+        return out
+
+    assert outputs(hot=True) == outputs(hot=False)
+
+
 def test_a_small_result_of_inputs_with_values_gets_its_value_though_its_signature_is_cached(emulate):
     emu = emulate()
     assert emu.hot_path
