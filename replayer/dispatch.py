@@ -152,7 +152,7 @@ class Dispatcher:
     def __init__(self, emu: Emulator):
         self.emu = emu
         self.device = emu.device
-        self.allocator = emu.allocator
+        self.counts = emu.allocator.counts  # what a new storage counts itself against
         self.cache: dict[tuple, Signature] = {}
         self.loose: dict[tuple, Signature] = {}  # signatures of ops that view no argument, keyed sans offsets
         self.signatures: list[Signature] = []
@@ -238,11 +238,11 @@ class Dispatcher:
                 VTensor, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, self.device
             )
             out._d = meta
-            out._vstorage = Storage(meta.nbytes, self.allocator, None)
+            out._vstorage = Storage(meta.nbytes, self.counts, None)
             out._value = None
             if id(func) in self.hot_ids and sig.key != _ATTENTION:
                 # a small output is made without a value only while some input has none
-                self._offer(func, sig, meta, (meta.nbytes, self.allocator, None), meta is sig.small_new)
+                self._offer(func, sig, meta, (meta.nbytes, self.counts, None), meta is sig.small_new)
         else:
             meta = sig.fast_view
             base = args[0] if meta is not None else None
@@ -332,7 +332,7 @@ class Dispatcher:
             cpu_kwargs = dict(kwargs)
             cpu_kwargs["device"] = _CPU
             value = func(*args, **cpu_kwargs)
-        return make(m, device, Storage(m.nbytes, self.allocator, True if value is not None else None), value)
+        return make(m, device, Storage(m.nbytes, self.counts, True if value is not None else None), value)
 
     def _factory(self, func: OpOverload, args: tuple, kwargs: dict) -> tuple:
         """A factory's (metadata, device, how its value is built: None, _ZEROS or _RUN)."""
@@ -502,7 +502,7 @@ class Dispatcher:
             self.value_ops += 1
             meta = sig.small_new
             if meta is not None and graph is None and id(func) in self.hot_ids and func not in _ALLOCATIONS:
-                self._offer(func, sig, meta, (meta.nbytes, self.allocator, None), True)
+                self._offer(func, sig, meta, (meta.nbytes, self.counts, None), True)
             # Capturing records kernels without running them: a mutating op computes on copies then.
             if func in _ALLOCATIONS:  # memory, no kernel: zeros (see _ALLOCATIONS); no rerun on replays
                 real = torch.zeros_like(func(*_cpu_args(args), **_cpu_kwargs(kwargs)))
@@ -558,7 +558,7 @@ class Dispatcher:
         return sig.kind(results)
 
     def _new_storage(self, meta: Meta, value) -> Storage:
-        return Storage(meta.nbytes, self.allocator, True if value is not None else None)
+        return Storage(meta.nbytes, self.counts, True if value is not None else None)
 
     def _synthesize_tokens(self, func, args, kwargs, results) -> None:
         pos = _TOKEN_OPS[func]
@@ -624,8 +624,8 @@ class Dispatcher:
 def _wrap_value(d: Dispatcher, r: torch.Tensor, keep: bool = True) -> VTensor:
     meta = Meta.of_tensor(r)
     if not keep or not value_allowed(r.dtype, r.numel()):
-        return make(meta, d.device, Storage(meta.nbytes, d.allocator, None), None)
-    return make(meta, d.device, Storage(meta.nbytes, d.allocator, True), r)
+        return make(meta, d.device, Storage(meta.nbytes, d.counts, None), None)
+    return make(meta, d.device, Storage(meta.nbytes, d.counts, True), r)
 
 
 def _cpu_value_or_standin(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,11 @@
 // (a miss, an argument it cannot key, a dispatch mode on the stack, the emulator off) goes to Python as
 // the fallback would: `VTensor.__torch_dispatch__`, which offers what it decided for the next call.
 // Python drives it through ctypes (replayer/hot_path.py); every entry point expects the GIL held.
+//
+// It also holds the C twins of replayer/memory.py's `Counts` and `Storage` (what the virtual allocator counts,
+// and a virtual storage), which the hot path makes a new output's storage with, without calling Python.
 #include <Python.h>
+#include <structmember.h>
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -293,6 +297,236 @@ PyObject* compute(const c10::OperatorHandle& op, torch::jit::Stack* stack, size_
   return THPVariable_Wrap(cpu.at(0).toTensor());
 }
 
+// ---- Virtual memory: the C twins of replayer/memory.py's `Counts` and `Storage` (same fields, same rules) ----
+
+struct Counts {
+  PyObject_HEAD
+  long long usable, allocated, peak, reserved, peak_reserved, num_allocs, num_ooms;
+  PyObject* on_oom;  // on_oom(size): the OutOfMemoryError to raise for an allocation of `size` bytes
+};
+
+struct VStorage {
+  PyObject_HEAD
+  long long nbytes;
+  long long size;     // the bytes counted against `counts` (rounded), freed with the storage
+  PyObject* counts;   // a Counts (or anything with alloc(nbytes) and free(size)), or null: nothing counted
+  PyObject* value;    // the shadow value's CPU storage (or True), or null: the contents are unknown
+  PyObject* weakrefs;
+};
+
+PyTypeObject* CountsType = nullptr;
+PyTypeObject* StorageType = nullptr;
+constexpr long long kRound = 512;  // the CUDA caching allocator rounds requests up to 512 bytes
+
+// Count an allocation of `nbytes`: its rounded size, or -1 with the virtual OutOfMemoryError raised.
+long long counts_alloc(Counts* c, long long nbytes) {
+  long long size = (nbytes + kRound - 1) / kRound * kRound;
+  long long allocated = c->allocated + size;
+  if (allocated > c->usable) {
+    c->num_ooms++;
+    PyObject* exc = PyObject_CallFunction(c->on_oom, "L", size);
+    if (exc != nullptr) {
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc)), exc);
+      Py_DECREF(exc);
+    }
+    return -1;
+  }
+  c->allocated = allocated;
+  c->num_allocs++;
+  if (allocated > c->peak) {
+    c->peak = allocated;
+    if (allocated > c->reserved) {  // a caching allocator keeps what it once held
+      c->reserved = allocated;
+      if (allocated > c->peak_reserved) {
+        c->peak_reserved = allocated;
+      }
+    }
+  }
+  return size;
+}
+
+int counts_init(PyObject* self, PyObject* args, PyObject* kwargs) {
+  static const char* names[] = {"usable", "on_oom", nullptr};
+  Counts* c = reinterpret_cast<Counts*>(self);
+  PyObject* on_oom = nullptr;
+  long long usable = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LO", const_cast<char**>(names), &usable, &on_oom)) {
+    return -1;
+  }
+  c->usable = usable;
+  c->allocated = c->peak = c->reserved = c->peak_reserved = c->num_allocs = c->num_ooms = 0;
+  Py_INCREF(on_oom);
+  Py_XSETREF(c->on_oom, on_oom);
+  return 0;
+}
+
+PyObject* counts_alloc_method(PyObject* self, PyObject* arg) {
+  long long nbytes = PyLong_AsLongLong(arg);
+  if (nbytes == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  long long size = counts_alloc(reinterpret_cast<Counts*>(self), nbytes);
+  return size < 0 ? nullptr : PyLong_FromLongLong(size);
+}
+
+PyObject* counts_free_method(PyObject* self, PyObject* arg) {
+  long long size = PyLong_AsLongLong(arg);
+  if (size == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  reinterpret_cast<Counts*>(self)->allocated -= size;
+  Py_RETURN_NONE;
+}
+
+int counts_traverse(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(reinterpret_cast<Counts*>(self)->on_oom);  // an allocator's bound method: a cycle through it
+  Py_VISIT(Py_TYPE(self));
+  return 0;
+}
+
+int counts_clear(PyObject* self) {
+  Py_CLEAR(reinterpret_cast<Counts*>(self)->on_oom);
+  return 0;
+}
+
+void counts_dealloc(PyObject* self) {
+  PyTypeObject* type = Py_TYPE(self);
+  PyObject_GC_UnTrack(self);
+  counts_clear(self);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+#define COUNT(name) {#name, T_LONGLONG, offsetof(Counts, name), 0, nullptr}
+PyMemberDef counts_members[] = {
+    COUNT(usable), COUNT(allocated), COUNT(peak), COUNT(reserved), COUNT(peak_reserved), COUNT(num_allocs),
+    COUNT(num_ooms), {"on_oom", T_OBJECT, offsetof(Counts, on_oom), READONLY, nullptr}, {nullptr}};
+#undef COUNT
+
+PyMethodDef counts_methods[] = {
+    {"alloc", counts_alloc_method, METH_O, "Count nbytes allocated: the rounded size (OutOfMemoryError past usable)."},
+    {"free", counts_free_method, METH_O, "Count size bytes freed."},
+    {nullptr}};
+
+PyType_Slot counts_slots[] = {
+    {Py_tp_doc, const_cast<char*>("What the virtual allocator counts: bytes live, peaks, allocations, OOMs.")},
+    {Py_tp_new, reinterpret_cast<void*>(PyType_GenericNew)},
+    {Py_tp_init, reinterpret_cast<void*>(counts_init)},
+    {Py_tp_dealloc, reinterpret_cast<void*>(counts_dealloc)},
+    {Py_tp_traverse, reinterpret_cast<void*>(counts_traverse)},
+    {Py_tp_clear, reinterpret_cast<void*>(counts_clear)},
+    {Py_tp_members, counts_members},
+    {Py_tp_methods, counts_methods},
+    {0, nullptr}};
+
+PyType_Spec counts_spec = {"replayer.memory.Counts", sizeof(Counts), 0,
+                           Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, counts_slots};
+
+// A new storage of `nbytes`, counted against `counts` (None: nothing counted), with `value` (None: unknown).
+PyObject* new_storage(long long nbytes, PyObject* counts, PyObject* value) {
+  PyObject* obj = StorageType->tp_alloc(StorageType, 0);
+  if (obj == nullptr) {
+    return nullptr;
+  }
+  VStorage* st = reinterpret_cast<VStorage*>(obj);
+  st->nbytes = nbytes;
+  if (value != Py_None) {
+    Py_INCREF(value);
+    st->value = value;
+  }
+  if (counts != Py_None) {
+    Py_INCREF(counts);
+    st->counts = counts;
+    if (nbytes != 0) {
+      long long size;
+      if (Py_TYPE(counts) == CountsType) {
+        size = counts_alloc(reinterpret_cast<Counts*>(counts), nbytes);
+      } else {
+        PyObject* r = PyObject_CallMethod(counts, "alloc", "L", nbytes);
+        size = r == nullptr ? -1 : PyLong_AsLongLong(r);
+        Py_XDECREF(r);
+      }
+      if (size < 0) {
+        Py_DECREF(obj);  // nothing counted: its dealloc frees nothing
+        return nullptr;
+      }
+      st->size = size;
+    }
+  }
+  return obj;
+}
+
+PyObject* storage_new(PyTypeObject*, PyObject* args, PyObject* kwargs) {
+  static const char* names[] = {"nbytes", "allocator", "value", nullptr};
+  long long nbytes = 0;
+  PyObject* counts = nullptr;
+  PyObject* value = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LO|O", const_cast<char**>(names), &nbytes, &counts, &value)) {
+    return nullptr;
+  }
+  return new_storage(nbytes, counts, value);
+}
+
+int storage_traverse(PyObject* self, visitproc visit, void* arg) {
+  VStorage* st = reinterpret_cast<VStorage*>(self);
+  Py_VISIT(st->value);
+  Py_VISIT(st->counts);
+  Py_VISIT(Py_TYPE(self));
+  return 0;
+}
+
+int storage_clear(PyObject* self) {
+  Py_CLEAR(reinterpret_cast<VStorage*>(self)->value);  // its counts stay: the dealloc frees its bytes there
+  return 0;
+}
+
+void storage_dealloc(PyObject* self) {
+  PyTypeObject* type = Py_TYPE(self);
+  VStorage* st = reinterpret_cast<VStorage*>(self);
+  PyObject_GC_UnTrack(self);
+  if (st->weakrefs != nullptr) {
+    PyObject_ClearWeakRefs(self);
+  }
+  if (st->size != 0 && st->counts != nullptr) {
+    if (Py_TYPE(st->counts) == CountsType) {
+      reinterpret_cast<Counts*>(st->counts)->allocated -= st->size;
+    } else {
+      PyObject *type_, *value_, *tb;
+      PyErr_Fetch(&type_, &value_, &tb);
+      PyObject* r = PyObject_CallMethod(st->counts, "free", "L", st->size);
+      if (r == nullptr) {
+        PyErr_WriteUnraisable(self);
+      }
+      Py_XDECREF(r);
+      PyErr_Restore(type_, value_, tb);
+    }
+  }
+  Py_CLEAR(st->value);
+  Py_CLEAR(st->counts);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+PyMemberDef storage_members[] = {
+    {"nbytes", T_LONGLONG, offsetof(VStorage, nbytes), READONLY, nullptr},
+    {"_size", T_LONGLONG, offsetof(VStorage, size), READONLY, nullptr},
+    {"_allocator", T_OBJECT, offsetof(VStorage, counts), READONLY, nullptr},
+    {"value", T_OBJECT, offsetof(VStorage, value), 0, nullptr},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(VStorage, weakrefs), READONLY, nullptr},
+    {nullptr}};
+
+PyType_Slot storage_slots[] = {
+    {Py_tp_doc, const_cast<char*>("A virtual storage: its bytes count against the allocator while it lives.")},
+    {Py_tp_new, reinterpret_cast<void*>(storage_new)},
+    {Py_tp_dealloc, reinterpret_cast<void*>(storage_dealloc)},
+    {Py_tp_traverse, reinterpret_cast<void*>(storage_traverse)},
+    {Py_tp_clear, reinterpret_cast<void*>(storage_clear)},
+    {Py_tp_members, storage_members},
+    {0, nullptr}};
+
+PyType_Spec storage_spec = {"replayer.memory.Storage", sizeof(VStorage), 0,
+                            Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, storage_slots};
+
 // Whether this torch wraps a tensor in a given Python class (`THPVariable_Wrap(tensor, type)`, as its own
 // `_make_wrapper_subclass` does). Where it does not, outputs are made by calling that from here.
 template <typename T>
@@ -369,6 +603,18 @@ bool capturing() {
   return yes;
 }
 
+// A new output's storage: (nbytes, allocator counts, None) are its arguments, its value known or not.
+PyObject* make_storage(const Entry& e, bool known) {
+  PyObject* nbytes = PyTuple_GET_ITEM(e.storage_args, 0);
+  PyObject* counts = PyTuple_GET_ITEM(e.storage_args, 1);
+  PyObject* value = known ? Py_True : Py_None;
+  if (S.storage == reinterpret_cast<PyObject*>(StorageType)) {
+    long long n = PyLong_AsLongLong(nbytes);
+    return n == -1 && PyErr_Occurred() ? nullptr : new_storage(n, counts, value);
+  }
+  return PyObject_CallFunctionObjArgs(S.storage, nbytes, counts, value, nullptr);  // memory.py's own
+}
+
 // A cached op: the output made here, the launch accounted in Python. False: let Python do it (a value it
 // computes otherwise, a graph being captured).
 bool run(const c10::OperatorHandle& op, const Entry& e, torch::jit::Stack* stack, size_t nargs) {
@@ -396,22 +642,15 @@ bool run(const c10::OperatorHandle& op, const Entry& e, torch::jit::Stack* stack
       outside.emplace(false);  // a view of a tensor made outside inference mode is not an inference tensor
     }
   } else {
-    PyObject* args = e.storage_args;
+    bool known = false;
     if (e.values && all_valued(stack, nargs)) {  // a small output: its value, computed now
       if (capturing()) {
         return false;  // Python records it to be computed again at each replay
       }
       value = compute(op, stack, nargs);
-      args = PyTuple_Pack(3, PyTuple_GET_ITEM(e.storage_args, 0), PyTuple_GET_ITEM(e.storage_args, 1), Py_True);
-      if (args == nullptr) {
-        Py_DECREF(value);
-        throw python_error();
-      }
+      known = true;
     }
-    storage = PyObject_Call(S.storage, args, nullptr);  // may raise the virtual OutOfMemoryError
-    if (args != e.storage_args) {
-      Py_DECREF(args);
-    }
+    storage = make_storage(e, known);  // may raise the virtual OutOfMemoryError
     if (storage == nullptr) {
       Py_XDECREF(value);
       throw python_error();
@@ -586,6 +825,23 @@ int revati_hot_register(const char* name, const char* overload, PyObject* func) 
 }
 
 long long revati_hot_hits() { return S.hits; }
+
+// (Counts, Storage): the C twins of replayer/memory.py's classes, made once; null with an error set on failure.
+PyObject* revati_memory_types() {
+  if (CountsType == nullptr) {
+    CountsType = reinterpret_cast<PyTypeObject*>(PyType_FromSpec(&counts_spec));
+    if (CountsType == nullptr) {
+      return nullptr;
+    }
+  }
+  if (StorageType == nullptr) {
+    StorageType = reinterpret_cast<PyTypeObject*>(PyType_FromSpec(&storage_spec));
+    if (StorageType == nullptr) {
+      return nullptr;
+    }
+  }
+  return PyTuple_Pack(2, CountsType, StorageType);
+}
 
 // Whether outputs are made in C++ (1) or by calling `_make_wrapper_subclass` (0: a torch without
 // `THPVariable_Wrap(tensor, type)`).

@@ -3,92 +3,77 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 import weakref
 
 import torch
+
+from replayer import native
 
 # The CUDA caching allocator rounds requests up to 512 bytes; engines size caches from these numbers.
 _ROUND = 512
 # What the CUDA context itself takes on a real H100 (driver, cuBLAS workspaces): seen as the gap between
 # total memory and what mem_get_info reports free before the first allocation.
 CONTEXT_BYTES = 500 * 2**20
+_UNBOUNDED = 1 << 62  # a usable size no allocation reaches
 
 
 class Allocator:
-    """Counts the bytes of live virtual storages; raises `torch.cuda.OutOfMemoryError` past capacity."""
+    """The virtual GPU's memory: what its `counts` hold (bytes live, peaks) against its capacity, in the
+    figures `torch.cuda`'s memory functions report; past capacity, `torch.cuda.OutOfMemoryError` as the
+    device's."""
 
     def __init__(self, capacity: int, device_name: str = "GPU"):
         self.capacity = capacity
-        self._usable = capacity - CONTEXT_BYTES
         self.device_name = device_name
-        self.allocated = 0
-        self.peak = 0
-        self.reserved = 0
-        self.peak_reserved = 0
-        self.num_allocs = 0
-        self.num_ooms = 0
-        self._lock = threading.Lock()
+        self.counts = Counts(capacity - CONTEXT_BYTES, self._oom)  # what storages count themselves against
 
-    def alloc(self, nbytes: int) -> int:
-        size = (nbytes + _ROUND - 1) // _ROUND * _ROUND
-        with self._lock:
-            allocated = self.allocated + size
-            if allocated > self._usable:
-                self.num_ooms += 1
-                raise torch.cuda.OutOfMemoryError(self._oom_message(size))
-            self.allocated = allocated
-            self.num_allocs += 1
-            if allocated > self.peak:
-                self.peak = allocated
-                # A caching allocator keeps what it once held: reserved follows the high-water mark.
-                if allocated > self.reserved:
-                    self.reserved = allocated
-                    if allocated > self.peak_reserved:
-                        self.peak_reserved = allocated
-        return size
-
-    def free(self, size: int) -> None:
-        with self._lock:
-            self.allocated -= size
+    allocated = property(operator.attrgetter("counts.allocated"))
+    peak = property(operator.attrgetter("counts.peak"))
+    reserved = property(operator.attrgetter("counts.reserved"))
+    peak_reserved = property(operator.attrgetter("counts.peak_reserved"))
+    num_allocs = property(operator.attrgetter("counts.num_allocs"))
+    num_ooms = property(operator.attrgetter("counts.num_ooms"))
 
     def empty_cache(self) -> None:
-        with self._lock:
-            self.reserved = self.allocated
+        self.counts.reserved = self.counts.allocated
 
     @contextlib.contextmanager
     def unbounded(self):
         """Allocate past capacity for a while (a model built whole, then sharded); peaks start over after."""
-        usable, self._usable = self._usable, float("inf")
+        c = self.counts
+        usable, c.usable = c.usable, _UNBOUNDED
         try:
             yield
         finally:
-            self._usable = usable
+            c.usable = usable
             self.reset_peak()
-            self.reserved = self.allocated
+            c.reserved = c.allocated
 
     def check(self, what: str = "what is allocated") -> None:
         """Raise `torch.cuda.OutOfMemoryError` if what is allocated exceeds the GPU (after `unbounded`)."""
-        if self.allocated > self._usable:
-            self.num_ooms += 1
+        c = self.counts
+        if c.allocated > c.usable:
+            c.num_ooms += 1
             gib = 2**30
             raise torch.cuda.OutOfMemoryError(
-                f"CUDA out of memory: {what} takes {self.allocated / gib:.2f} GiB of a virtual "
-                f"{self.device_name} with {self._usable / gib:.2f} GiB usable"
+                f"CUDA out of memory: {what} takes {c.allocated / gib:.2f} GiB of a virtual "
+                f"{self.device_name} with {c.usable / gib:.2f} GiB usable"
             )
 
     def reset_peak(self) -> None:
-        with self._lock:
-            self.peak = self.allocated
-            self.peak_reserved = self.reserved
+        c = self.counts
+        c.peak = c.allocated
+        c.peak_reserved = c.reserved
 
     def free_bytes(self) -> int:
         return max(0, self.capacity - CONTEXT_BYTES - self.reserved)
 
-    def _oom_message(self, size: int) -> str:
+    def _oom(self, size: int) -> torch.cuda.OutOfMemoryError:
         gib = 2**30
         free = self.capacity - CONTEXT_BYTES - self.allocated
-        return (
+        return torch.cuda.OutOfMemoryError(
             f"CUDA out of memory. Tried to allocate {size / gib:.2f} GiB. GPU 0 has a total capacity of "
             f"{self.capacity / gib:.2f} GiB of which {max(free, 0) / gib:.2f} GiB is free. "
             f"Of the allocated memory {self.allocated / gib:.2f} GiB is allocated by PyTorch "
@@ -114,8 +99,48 @@ class Allocator:
         return out
 
 
-class Storage:
-    """A virtual storage: its bytes count against the allocator while any tensor viewing it lives.
+class PyCounts:
+    """What the virtual allocator counts: bytes live, peaks, allocations, OOMs. (`Counts` is this class's C
+    twin in replayer/hot_path.cpp where that is built: the same fields and rules, no lock needed.)"""
+
+    __slots__ = (
+        "usable", "allocated", "peak", "reserved", "peak_reserved", "num_allocs", "num_ooms",
+        "on_oom", "_lock",
+    )  # fmt: skip
+
+    def __init__(self, usable: int, on_oom):
+        self.usable = usable
+        self.on_oom = on_oom  # on_oom(size): the OutOfMemoryError to raise for an allocation of `size` bytes
+        self.allocated = self.peak = self.reserved = self.peak_reserved = self.num_allocs = self.num_ooms = 0
+        self._lock = threading.Lock()
+
+    def alloc(self, nbytes: int) -> int:
+        """Count `nbytes` allocated; returns the size counted (rounded as the caching allocator rounds)."""
+        size = (nbytes + _ROUND - 1) // _ROUND * _ROUND
+        with self._lock:
+            allocated = self.allocated + size
+            if allocated > self.usable:
+                self.num_ooms += 1
+                raise self.on_oom(size)
+            self.allocated = allocated
+            self.num_allocs += 1
+            if allocated > self.peak:
+                self.peak = allocated
+                # A caching allocator keeps what it once held: reserved follows the high-water mark.
+                if allocated > self.reserved:
+                    self.reserved = allocated
+                    if allocated > self.peak_reserved:
+                        self.peak_reserved = allocated
+        return size
+
+    def free(self, size: int) -> None:
+        with self._lock:
+            self.allocated -= size
+
+
+class PyStorage:
+    """A virtual storage: its bytes count against the allocator's counts while any tensor viewing it lives.
+    (`Storage` is this class's C twin in replayer/hot_path.cpp where that is built.)
 
     `value` is the shadow value's CPU storage (a real tensor over the whole storage) or None when the
     contents are unknown; every view of the storage reads its value through it.
@@ -123,7 +148,7 @@ class Storage:
 
     __slots__ = ("nbytes", "_size", "_allocator", "value", "__weakref__")
 
-    def __init__(self, nbytes: int, allocator: Allocator | None, value: torch.Tensor | None = None):
+    def __init__(self, nbytes: int, allocator: Counts | None, value: torch.Tensor | None = None):
         self.nbytes = nbytes
         self._allocator = allocator
         self.value = value
@@ -134,6 +159,15 @@ class Storage:
     def __del__(self):
         if self._size and self._allocator is not None:
             self._allocator.free(self._size)
+
+
+def _types() -> tuple[type, type]:
+    """(Counts, Storage): the C twins where the hot path's library builds, else the Python classes."""
+    lib = native.load_hot_path()
+    return lib.revati_memory_types() if lib is not None else (PyCounts, PyStorage)
+
+
+Counts, Storage = _types()
 
 
 class Borrowed:

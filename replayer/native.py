@@ -21,6 +21,8 @@ import torch
 _SOURCE = Path(__file__).with_name("cuda_guard.cpp")
 HOT_PATH_SOURCE = Path(__file__).with_name("hot_path.cpp")
 _loaded = False
+_hot_path: ctypes.PyDLL | None = None
+_hot_path_unavailable: str | None = None
 
 
 class NativeBuildError(RuntimeError):
@@ -88,6 +90,33 @@ def load() -> None:
         return
     ctypes.CDLL(str(build()), mode=ctypes.RTLD_GLOBAL)
     _loaded = True
+
+
+def load_hot_path() -> ctypes.PyDLL | None:
+    """The hot path's library (built first if needed), or None where it cannot be: why, in
+    `hot_path_unavailable()`. Loaded once per process."""
+    global _hot_path, _hot_path_unavailable
+    if _hot_path is not None or _hot_path_unavailable is not None:
+        return _hot_path
+    try:
+        if not library_path(HOT_PATH_SOURCE).exists():  # `make` builds it at install
+            print("revati: building the C++ hot path for this torch (once, ~30 s)", file=sys.stderr)
+        lib = ctypes.PyDLL(str(build_hot_path()), mode=ctypes.RTLD_GLOBAL)  # PyDLL: the calls keep the GIL
+    except (NativeBuildError, OSError) as e:
+        _hot_path_unavailable = str(e).splitlines()[0]
+        print(f"revati: {_hot_path_unavailable}; every op is emulated in Python (slower)", file=sys.stderr)
+        return None
+    obj = ctypes.py_object
+    lib.revati_hot_enable.argtypes = [obj] * 7
+    lib.revati_hot_register.argtypes = [ctypes.c_char_p, ctypes.c_char_p, obj]
+    lib.revati_hot_hits.restype = ctypes.c_longlong
+    lib.revati_memory_types.restype = obj
+    _hot_path = lib
+    return lib
+
+
+def hot_path_unavailable() -> str | None:
+    return _hot_path_unavailable
 
 
 if __name__ == "__main__":
