@@ -356,6 +356,12 @@ class VirtualGroup(dist.ProcessGroup):
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND
 
+    def _get_backend(self, device) -> VirtualGroup:
+        """The group is its own backend on every device. (A ProcessGroup subclass that a backend's creator
+        returns gets no backend registered; torch 2.14's `batch_isend_irecv` still asks the group's backend
+        whether it coalesces sends.)"""
+        return self
+
     @property
     def group_name(self) -> str:
         return dist.distributed_c10d._world.pg_names.get(self, "revati")
