@@ -16,14 +16,16 @@ from replayer.memory import Allocator
 PYTHON = (memory.PyCounts, memory.PyStorage)
 
 
-@pytest.fixture(params=["python", "c"])
+@pytest.fixture(params=["python", "c", "c storages, python counts"])
 def kinds(request):
-    """(Counts, Storage) of one implementation."""
+    """(Counts, Storage) of one implementation (or a C storage counting against the Python counts)."""
     if request.param == "python":
         return PYTHON
     if memory.Storage is memory.PyStorage:
         pytest.skip("the hot path's library (the C twins) is not built here")
-    return memory.Counts, memory.Storage
+    if request.param == "c":
+        return memory.Counts, memory.Storage
+    return memory.PyCounts, memory.Storage
 
 
 def _allocator(capacity: int, kinds: tuple, name: str = "GPU") -> Allocator:
