@@ -1000,15 +1000,28 @@ def _run_emulation(plan: dict, ops: str, as_json: bool) -> None:
 def _oom_message(error: Exception, plan: dict) -> str:
     import torch
 
+    from revati.engines import OWN_MODEL
     from revati.hardware import GPUS
-    from revati.models import param_bytes
+    from revati.models import check_tp, param_bytes
 
     spec = plan["spec"]
     weights = param_bytes(plan["model_config"], getattr(torch, plan["dtype"]))
     detail = str(error).splitlines()[0]
     if weights > spec.memory_bytes:
+        hints = []
+        if plan["engine"] not in OWN_MODEL:  # the least tensor parallelism that leaves a quarter free
+            for tp in (2, 4, 8, 16):
+                try:
+                    check_tp(plan["model_config"], tp)
+                except ValueError:
+                    continue
+                if weights / tp <= 0.75 * spec.memory_bytes:
+                    hints.append(f"--tp {tp} ({weights / tp / 2**30:.1f} GiB of weights per GPU)")
+                    break
         roomy = [key for key, g in GPUS.items() if g.memory_bytes > 1.1 * weights]
-        hint = f"a GPU with more memory ({', '.join(roomy)})" if roomy else "tensor parallelism"
+        if roomy:
+            hints.append(f"a GPU with more memory ({', '.join(roomy)})")
+        hint = " or ".join(hints) or "a smaller model"
         return (
             f"out of memory on the virtual {spec.name}: {plan['model']} does not fit, its weights alone take "
             f"{weights / 2**30:.1f} GiB in {plan['dtype']} and the GPU has "

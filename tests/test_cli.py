@@ -269,6 +269,7 @@ def test_model_that_does_not_fit_fails_with_out_of_memory(tmp_path):
     assert "out of memory" in lines[0]
     assert "llama-3.1-70b" in lines[0]
     assert "NVIDIA L40S" in lines[0]
+    assert "--tp 4 (32.9 GiB of weights per GPU)" in lines[0]  # the least that leaves room: 48 GiB each
     assert not out.exists()
 
 
