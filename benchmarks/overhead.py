@@ -210,7 +210,9 @@ def main() -> None:
     print(f"  plain CPU op              {o['plain_cpu_us']:7.2f} us")
     print(f"  empty dispatch mode       {o['empty_mode_us']:7.2f} us")
     print(f"  bare wrapper subclass     {o['bare_subclass_us']:7.2f} us   (dispatch and one new wrapper)")
-    print(f"  emulator, cached path     {o['cached_us']:7.2f} us   (signature misses: {o['misses']})")
+    made = "in C++" if hot_path.makes_outputs() else "by _make_wrapper_subclass"
+    print(f"  emulator, cached path     {o['cached_us']:7.2f} us   (signature misses: {o['misses']}; "
+          f"outputs made {made})")  # fmt: skip
     print(f"  same, every op logged     {o['logged_us']:7.2f} us   (--ops all)")
     print(f"  ratio cached / empty mode {o['cached_us'] / o['empty_mode_us']:7.2f}x")
     print(f"  ratio cached / bare       {o['cached_us'] / o['bare_subclass_us']:7.2f}x")

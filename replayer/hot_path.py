@@ -46,10 +46,16 @@ OPS = (
 
 _registered: set[int] | None = None  # ids of the ops routed through C++ in this process
 
-load = (
-    native.load_hot_path
-)  # the library, built first if needed; None where it cannot be (why: `unavailable`)
+# The library, built first if needed; None where it cannot be (why: `unavailable()`).
+load = native.load_hot_path
 unavailable = native.hot_path_unavailable
+
+
+def makes_outputs() -> bool:
+    """Whether the hot path makes its outputs' wrappers itself, rather than through
+    `_make_wrapper_subclass` (a torch whose headers lack `THPVariable_Wrap(tensor, type)`)."""
+    lib = load()
+    return lib is not None and lib.revati_hot_wraps() == 1
 
 
 def enable(dispatcher) -> bool:

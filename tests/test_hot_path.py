@@ -24,6 +24,8 @@ pytestmark = pytest.mark.skipif(
 
 def test_the_hot_path_builds_and_loads():
     assert hot_path.load() is not None, hot_path.unavailable()
+    # torch 2.13 and 2.14 (checked) can wrap a tensor in a given class: the outputs are made in C++
+    assert hot_path.makes_outputs() or torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
 
 def _served(fn, times: int = 3) -> int:
