@@ -8,15 +8,12 @@ tables). Everything else is metadata computed once per op signature on the meta 
 
 from __future__ import annotations
 
+import copy
 import itertools
-from typing import TYPE_CHECKING
 
 import torch
 
-from replayer.memory import Borrowed
-
-if TYPE_CHECKING:
-    from replayer.memory import Storage
+from replayer.memory import Borrowed, Storage
 
 # Shadow values are kept up to these sizes (elements): ints and bools drive control flow and are
 # cheap; floats rarely matter and cost real CPU time to compute.
@@ -85,6 +82,28 @@ class VTensor(torch.Tensor):
     def __reduce_ex__(self, proto):
         raise TypeError("virtual tensors cannot be pickled: they hold no data")
 
+    def __deepcopy__(self, memo):
+        """A copy in new device memory, as `copy.deepcopy` makes on a GPU (serving code copies modules): the
+        same metadata, a new storage counted against the same allocator (one per storage copied, so views
+        copied together still share theirs), the value copied, the tensor's own attributes copied."""
+        if id(self) in memo:
+            return memo[id(self)]
+        old = self._vstorage
+        storage = memo.get(id(old))
+        if storage is None:
+            counts = old._allocator if isinstance(old, Storage) else None  # a weak view's copy owns nothing
+            storage = Storage(old.nbytes, counts, True if old.value is not None else None)
+            memo[id(old)] = storage
+        value = copy.deepcopy(self._value, memo) if self._value is not None else None
+        new = make(self._d, self.device, storage, value)
+        if self.requires_grad:
+            new.requires_grad_(True)
+        for name, attr in self.__dict__.items():
+            if name not in _OWN:
+                setattr(new, name, copy.deepcopy(attr, memo))
+        memo[id(self)] = new
+        return new
+
     # `module.to(dtype)` assigns `param.data`; that swaps the C++ metadata only, so follow along here.
     @property
     def data(self):
@@ -97,6 +116,7 @@ class VTensor(torch.Tensor):
             self._d, self._vstorage, self._value = new._d, new._vstorage, new._value
 
 
+_OWN = ("_d", "_vstorage", "_value")  # what `make` sets: a copy gets its own
 _getitem, _setitem = torch.Tensor.__getitem__, torch.Tensor.__setitem__
 _BelowViewTracking = torch._C._AutoDispatchBelowADInplaceOrView
 _wrap = torch.Tensor._make_wrapper_subclass

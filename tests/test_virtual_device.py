@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import queue
 import threading
@@ -238,6 +239,23 @@ def test_a_weak_view_sees_a_tensor_without_keeping_its_memory_allocated(emulate)
     assert weak.cpu()[0].item() == 1
     del positions
     assert torch.cuda.memory_allocated() == before  # gone with its owner, as on the GPU
+
+
+def test_a_deep_copy_takes_new_device_memory_and_keeps_views_values_and_parameters(emulate):
+    emulate()
+    layer = torch.nn.Linear(64, 32, device="cuda")
+    before = torch.cuda.memory_allocated()
+    twin = copy.deepcopy(layer)
+    assert torch.cuda.memory_allocated() - before == 64 * 32 * 4 + 512  # weight, bias rounded up
+    assert twin.weight is not layer.weight and twin.weight.shape == (32, 64)
+    assert type(twin.weight) is type(layer.weight) and twin.weight.requires_grad
+    assert isinstance(twin.weight, torch.nn.Parameter) == isinstance(layer.weight, torch.nn.Parameter)
+    del twin
+    assert torch.cuda.memory_allocated() == before
+    base = torch.arange(10, device="cuda")
+    pair = copy.deepcopy([base, base[2:5]])  # copied together: the view still views the copy
+    pair[0].add_(100)
+    assert pair[1].tolist() == [102, 103, 104] and base.tolist() == list(range(10))
 
 
 def test_memory_allocated_counts_live_tensors_rounded_to_512_bytes(emulate):
