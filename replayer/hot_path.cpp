@@ -58,7 +58,6 @@ struct State {
   bool on = false;
   PyObject* vtensor = nullptr;
   PyObject* make_wrapper = nullptr;  // torch.Tensor._make_wrapper_subclass
-  PyObject* storage = nullptr;       // replayer.memory.Storage
   PyObject* account = nullptr;       // account(sig): the launch on the clock, the op counted and logged
   PyObject* account_value = nullptr;  // the same, for an op whose value was computed here
   PyObject* clock = nullptr;          // its `captures`: threads capturing a CUDA graph (values then in Python)
@@ -605,14 +604,11 @@ bool capturing() {
 
 // A new output's storage: (nbytes, allocator counts, None) are its arguments, its value known or not.
 PyObject* make_storage(const Entry& e, bool known) {
-  PyObject* nbytes = PyTuple_GET_ITEM(e.storage_args, 0);
-  PyObject* counts = PyTuple_GET_ITEM(e.storage_args, 1);
-  PyObject* value = known ? Py_True : Py_None;
-  if (S.storage == reinterpret_cast<PyObject*>(StorageType)) {
-    long long n = PyLong_AsLongLong(nbytes);
-    return n == -1 && PyErr_Occurred() ? nullptr : new_storage(n, counts, value);
+  long long nbytes = PyLong_AsLongLong(PyTuple_GET_ITEM(e.storage_args, 0));
+  if (nbytes == -1 && PyErr_Occurred()) {
+    return nullptr;
   }
-  return PyObject_CallFunctionObjArgs(S.storage, nbytes, counts, value, nullptr);  // memory.py's own
+  return new_storage(nbytes, PyTuple_GET_ITEM(e.storage_args, 1), known ? Py_True : Py_None);
 }
 
 // A cached op: the output made here, the launch accounted in Python. False: let Python do it (a value it
@@ -768,16 +764,16 @@ void keep(PyObject*& slot, PyObject* value) {
 
 extern "C" {
 
-// Route the registered ops here: vtensor (the class), make_wrapper, storage (the class), account(sig),
-// account_value(sig), the clock, and the list Python's generic path fills with what it decided.
-void revati_hot_enable(PyObject* vtensor, PyObject* make_wrapper, PyObject* storage, PyObject* account,
+// Route the registered ops here: vtensor (the class), make_wrapper, account(sig), account_value(sig), the
+// clock, and the list Python's generic path fills with what it decided. New outputs' storages are the C
+// `Storage` (`revati_memory_types`, which replayer.memory calls on import).
+void revati_hot_enable(PyObject* vtensor, PyObject* make_wrapper, PyObject* account,
                        PyObject* account_value, PyObject* clock, PyObject* offered) {
   if (offered != S.offered) {
     clear();  // another emulator's signatures
   }
   keep(S.vtensor, vtensor);
   keep(S.make_wrapper, make_wrapper);
-  keep(S.storage, storage);
   keep(S.account, account);
   keep(S.account_value, account_value);
   keep(S.clock, clock);

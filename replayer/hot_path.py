@@ -17,8 +17,7 @@ import os
 
 import torch
 
-from replayer import dispatch, native
-from replayer.memory import Storage
+from replayer import dispatch, memory, native
 from replayer.tensor import VTensor
 
 aten = torch.ops.aten
@@ -64,7 +63,7 @@ def enable(dispatcher) -> bool:
     if os.environ.get("REVATI_HOT_PATH", "1") == "0":
         return False
     lib = load()
-    if lib is None:
+    if lib is None or memory.Storage is memory.PyStorage:  # new outputs' storages: the library's C ones
         return False
     if _registered is None:  # once per process: a registration lasts as long as the process
         _registered = set()
@@ -78,7 +77,7 @@ def enable(dispatcher) -> bool:
     dispatcher.hot_ids = _registered
     make = torch.Tensor._make_wrapper_subclass
     account, value = dispatcher.account, dispatcher.account_value
-    lib.revati_hot_enable(VTensor, make, Storage, account, value, dispatcher.emu.clock, dispatcher.offer)
+    lib.revati_hot_enable(VTensor, make, account, value, dispatcher.emu.clock, dispatcher.offer)
     return True
 
 

@@ -107,7 +107,7 @@ def load_hot_path() -> ctypes.PyDLL | None:
         print(f"revati: {_hot_path_unavailable}; every op is emulated in Python (slower)", file=sys.stderr)
         return None
     obj = ctypes.py_object
-    lib.revati_hot_enable.argtypes = [obj] * 7
+    lib.revati_hot_enable.argtypes = [obj] * 6
     lib.revati_hot_register.argtypes = [ctypes.c_char_p, ctypes.c_char_p, obj]
     lib.revati_hot_hits.restype = ctypes.c_longlong
     lib.revati_memory_types.restype = obj
